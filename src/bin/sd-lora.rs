@@ -1,0 +1,133 @@
+//! The `sd-lora` command line: a thin client of the library.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use sd_lora::cli;
+
+#[derive(Parser)]
+#[command(
+    name = "sd-lora",
+    version,
+    about = "LoRA fine-tuning of Stable Diffusion in Rust"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Injects LoRA into a UNet (built from its config only, no weights) and prints the summary.
+    InspectModel {
+        /// `sd15`, `tiny`, or a diffusers folder (pipeline root or its unet/).
+        #[arg(long, default_value = "sd15")]
+        model: String,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        /// Defaults to 2 x rank (the tutorial's choice).
+        #[arg(long)]
+        alpha: Option<f64>,
+        /// Comma-separated module targets (`to_q,to_k,to_v`; shorthands attn, ff, all).
+        #[arg(long, default_value = "to_q,to_k,to_v")]
+        targets: String,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Also list every adapted layer.
+        #[arg(long)]
+        layers: bool,
+    },
+    /// Runs a diffusers-layout UNet on tensors from a safetensors file.
+    UnetForward {
+        /// Pipeline root (with unet/) or the unet folder itself.
+        #[arg(long)]
+        model: PathBuf,
+        /// safetensors with `sample` [B,4,H,W], `timestep` [B] and `encoder_hidden_states` [B,T,C].
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Output safetensors; gets tensor `sample`.
+        #[arg(long)]
+        out: PathBuf,
+        /// A LoRA file (PEFT/diffusers, kohya, or old diffusers format).
+        #[arg(long)]
+        lora: Option<PathBuf>,
+        #[arg(long, default_value_t = 1.0)]
+        lora_scale: f64,
+        /// Weights variant, e.g. `fp16` for diffusion_pytorch_model.fp16.safetensors.
+        #[arg(long)]
+        variant: Option<String>,
+        /// Compute dtype: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::InspectModel {
+            model,
+            rank,
+            alpha,
+            targets,
+            json,
+            layers,
+        } => {
+            let summary =
+                cli::inspect_model(&model, rank, alpha.unwrap_or(2.0 * rank as f64), &targets)?;
+            if json {
+                let mut v = summary.to_json();
+                if !layers {
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("layers");
+                    }
+                }
+                println!("{v}");
+            } else {
+                println!("{summary}");
+                if layers {
+                    for l in &summary.layers {
+                        println!(
+                            "  {} [{} -> {}] rank {} alpha {}",
+                            l.name, l.in_dim, l.out_dim, l.rank, l.alpha
+                        );
+                    }
+                }
+            }
+        }
+        Cmd::UnetForward {
+            model,
+            inputs,
+            out,
+            lora,
+            lora_scale,
+            variant,
+            dtype,
+        } => {
+            let dtype = cli::parse_dtype(&dtype)?;
+            if !lora_scale.is_finite() {
+                bail!("--lora-scale must be a finite number");
+            }
+            let report = cli::unet_forward(
+                &model,
+                &inputs,
+                &out,
+                lora.as_deref(),
+                lora_scale,
+                variant.as_deref(),
+                dtype,
+            )
+            .with_context(|| format!("unet-forward on {}", model.display()))?;
+            eprintln!("{report}");
+        }
+    }
+    Ok(())
+}

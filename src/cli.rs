@@ -1,0 +1,95 @@
+//! Implementations behind the `sd-lora` subcommands, kept in the library so they are tested.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::lora::io::write_safetensors_atomic;
+use crate::lora::{LoraConfig, LoraFile, LoraModel, LoraSummary};
+use crate::unet::{unet_dir, UNet2DConditionModel, UNetConfig};
+
+/// `sd15`, `tiny`, or a folder's `config.json`.
+pub fn unet_config(model: &str) -> Result<UNetConfig> {
+    match model {
+        "sd15" | "sd-1.5" | "sd_v1_5" => Ok(UNetConfig::sd_v1_5()),
+        "tiny" => Ok(UNetConfig::tiny()),
+        dir => UNetConfig::from_file(&unet_dir(Path::new(dir))?.join("config.json")),
+    }
+}
+
+/// Builds the UNet structure without weights, injects LoRA and returns the summary.
+pub fn inspect_model(model: &str, rank: usize, alpha: f64, targets: &str) -> Result<LoraSummary> {
+    let cfg = unet_config(model)?;
+    let mut unet = UNet2DConditionModel::meta(&cfg)?;
+    let lcfg = LoraConfig::new(rank, alpha).with_targets(&LoraConfig::parse_targets(targets));
+    unet.inject_lora(&lcfg, &VarMap::new())
+}
+
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" | "fp32" => Ok(DType::F32),
+        "f16" | "fp16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => bail!("unknown dtype `{other}` (f32, f16 or bf16)"),
+    }
+}
+
+/// Reads `sample`, `timestep`, `encoder_hidden_states` from `inputs`, runs the UNet (with an
+/// optional LoRA at `lora_scale`) and writes `sample` to `out`. Returns a one-line report.
+pub fn unet_forward(
+    model: &Path,
+    inputs: &Path,
+    out: &Path,
+    lora: Option<&Path>,
+    lora_scale: f64,
+    variant: Option<&str>,
+    dtype: DType,
+) -> Result<String> {
+    let device = Device::Cpu;
+    let tensors = candle_core::safetensors::load(inputs, &device)
+        .with_context(|| format!("cannot read inputs {}", inputs.display()))?;
+    let get = |name: &str| -> Result<Tensor> {
+        tensors.get(name).cloned().with_context(|| {
+            let mut have: Vec<_> = tensors.keys().cloned().collect();
+            have.sort();
+            format!(
+                "inputs {} have no tensor `{name}` (found: {})",
+                inputs.display(),
+                have.join(", ")
+            )
+        })
+    };
+    let (sample, t, ehs) = (
+        get("sample")?,
+        get("timestep")?,
+        get("encoder_hidden_states")?,
+    );
+    let mut unet = UNet2DConditionModel::load(model, variant, dtype, &device)?;
+    let mut note = String::new();
+    if let Some(path) = lora {
+        let file = LoraFile::read(path, &unet.linear_names()?)?;
+        let s = unet.apply_lora_file(&file, &VarMap::new())?;
+        unet.set_lora_scale(lora_scale)?;
+        note = format!(
+            ", LoRA {:?} {} layers, {} params, scale {lora_scale}{}",
+            file.format,
+            s.lora_layers,
+            s.trainable_params,
+            if file.skipped.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} text-encoder tensors ignored)", file.skipped.len())
+            }
+        );
+    }
+    let y = unet
+        .forward(&sample, &t, &ehs)
+        .with_context(|| format!("running the UNet on {}", inputs.display()))?
+        .to_dtype(DType::F32)?;
+    let mut map = BTreeMap::new();
+    map.insert("sample".to_string(), y.clone());
+    write_safetensors_atomic(&map, None, out)?;
+    Ok(format!("wrote {} {:?}{note}", out.display(), y.dims()))
+}

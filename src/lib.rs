@@ -1,0 +1,15 @@
+//! # sd-lora
+//!
+//! LoRA fine-tuning of Stable Diffusion in Rust with candle: a trainable
+//! `UNet2DConditionModel` whose tensor paths equal diffusers checkpoint keys, LoRA layers
+//! injectable by module name (the tutorial's `LoRALayer` / `inject_lora_into_unet`), and LoRA
+//! files in the formats diffusers, PEFT and kohya/A1111/ComfyUI read.
+//!
+//! Notebooks start with `use sd_lora::prelude::*;`.
+
+pub mod cli;
+pub mod lora;
+pub mod ops;
+pub mod prelude;
+pub mod unet;
+pub mod weights;

@@ -1,0 +1,156 @@
+//! LoRA hyper-parameters: rank, alpha, which modules to adapt and how to initialise.
+
+use serde::{Deserialize, Serialize};
+
+/// How the down-projection `A` is initialised (`B` always starts at zero, so a freshly
+/// injected model computes exactly what the base model computes).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum LoraInit {
+    /// `A ~ N(0, std^2)`; the tutorial uses `std = 0.01`.
+    Normal { std: f64 },
+    /// `A ~ U(-1/sqrt(in), 1/sqrt(in))`: PyTorch's kaiming-uniform with `a = sqrt(5)`, the
+    /// default of PEFT and kohya sd-scripts.
+    KaimingUniform,
+}
+
+impl Default for LoraInit {
+    fn default() -> Self {
+        LoraInit::Normal { std: 0.01 }
+    }
+}
+
+/// Module names LoRA can be injected into (suffixes of diffusers module paths).
+pub const INJECTABLE: &[&str] = &[
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+];
+
+/// LoRA configuration. `Default` is the tutorial's: rank 16, alpha 32, `to_q,to_k,to_v` of
+/// every self- (`attn1`) and cross-attention (`attn2`), `A ~ N(0, 0.01^2)`, `B = 0`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// Inner dimension `r` of `B (d x r)` and `A (r x k)`. Default 16.
+    pub rank: usize,
+    /// The update is scaled by `alpha / rank`. Default 32 (scale 2).
+    pub alpha: f64,
+    /// Module-name targets, matched like PEFT's `target_modules`: a module is adapted when its
+    /// path equals a target or ends with `.` + target. `to_q` hits both attentions,
+    /// `attn1.to_q` only self-attention. Default `["to_q", "to_k", "to_v"]`.
+    pub targets: Vec<String>,
+    /// Initialisation of `A`. Default `Normal { std: 0.01 }` (the tutorial).
+    pub init: LoraInit,
+    /// Seed of the initialisation. Default 202509 (the tutorial's seed).
+    pub seed: u64,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 16,
+            alpha: 32.0,
+            targets: vec!["to_q".into(), "to_k".into(), "to_v".into()],
+            init: LoraInit::default(),
+            seed: 202509,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The tutorial's configuration (same as `Default`).
+    pub fn tutorial() -> Self {
+        Self::default()
+    }
+
+    /// `rank` and `alpha` with the default targets and init.
+    pub fn new(rank: usize, alpha: f64) -> Self {
+        Self {
+            rank,
+            alpha,
+            ..Self::default()
+        }
+    }
+
+    /// Replaces the targets (see [`LoraConfig::targets`]).
+    pub fn with_targets<S: AsRef<str>>(mut self, targets: &[S]) -> Self {
+        self.targets = targets.iter().map(|s| s.as_ref().to_string()).collect();
+        self
+    }
+
+    pub fn with_init(mut self, init: LoraInit) -> Self {
+        self.init = init;
+        self
+    }
+
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Parses a comma-separated target list such as `to_q,to_k,to_v,to_out.0`. Shorthands:
+    /// `attn` = q,k,v,out.0; `ff` = both feed-forward linears; `all` = every injectable module.
+    pub fn parse_targets(s: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for t in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            match t {
+                "attn" => out.extend(["to_q", "to_k", "to_v", "to_out.0"].map(String::from)),
+                "ff" => out.extend(["ff.net.0.proj", "ff.net.2"].map(String::from)),
+                "all" => out.extend(INJECTABLE.iter().map(|s| s.to_string())),
+                other => out.push(other.to_string()),
+            }
+        }
+        out.dedup();
+        out
+    }
+
+    /// `alpha / rank`.
+    pub fn scaling(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    /// Checks rank, alpha and that every target names an injectable module kind.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.rank == 0 {
+            anyhow::bail!("LoRA rank must be at least 1");
+        }
+        if !self.alpha.is_finite() {
+            anyhow::bail!("LoRA alpha must be finite, got {}", self.alpha);
+        }
+        if self.targets.is_empty() {
+            anyhow::bail!(
+                "LoRA targets are empty: name at least one of {}",
+                INJECTABLE.join(", ")
+            );
+        }
+        for t in &self.targets {
+            if !INJECTABLE
+                .iter()
+                .any(|k| t == k || t.ends_with(&format!(".{k}")))
+            {
+                anyhow::bail!(
+                    "unknown LoRA target `{t}`: targets must end in one of {}",
+                    INJECTABLE.join(", ")
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Does module path `name` match one of the targets?
+    pub fn matches(&self, name: &str) -> bool {
+        self.targets.iter().any(|t| target_matches(t, name))
+    }
+}
+
+/// PEFT-style suffix match: `name == target` or `name` ends with `.target`.
+pub fn target_matches(target: &str, name: &str) -> bool {
+    name == target
+        || (name.len() > target.len()
+            && name.ends_with(target)
+            && name.as_bytes()[name.len() - target.len() - 1] == b'.')
+}

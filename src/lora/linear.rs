@@ -1,0 +1,259 @@
+//! `LoraLinear`: a frozen linear layer (or 1x1 convolution) with an optional LoRA adapter,
+//! computing `W0·x (+ b) + scale·(alpha/rank)·B(A(x))`.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal, Uniform};
+
+use super::config::LoraInit;
+use crate::weights::{Init, WeightSource};
+
+/// A LoRA adapter: trainable `A [rank, in]` and `B [out, rank]`, always f32.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    pub a: Var,
+    pub b: Var,
+    pub alpha: f64,
+    /// Runtime strength multiplying `alpha/rank`; 0 switches the adapter off.
+    pub scale: f64,
+    /// When false the layer computes the base model only.
+    pub enabled: bool,
+}
+
+impl LoraAdapter {
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    /// `scale * alpha / rank`, the factor in front of `B A x`.
+    pub fn factor(&self) -> f64 {
+        self.scale * self.alpha / self.rank() as f64
+    }
+
+    /// `dW = (alpha/rank) · B · A` (without the runtime scale), `[out, in]`, f32.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        let f = self.alpha / self.rank() as f64;
+        Ok((self.b.as_tensor().matmul(self.a.as_tensor())? * f)?)
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.a.elem_count() + self.b.elem_count()
+    }
+}
+
+/// A frozen linear layer with an optional LoRA adapter.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    name: String,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    conv1x1: bool,
+    adapter: Option<LoraAdapter>,
+    /// The base weight before `merge`, restored bit-exactly by `unmerge`.
+    unmerged: Option<Tensor>,
+}
+
+impl LoraLinear {
+    /// Loads `weight [out, in]` (and `bias [out]`) from `ws`. With `conv1x1`, checkpoints store
+    /// the weight as a 1x1 convolution `[out, in, 1, 1]` (SD 1.x's `proj_in`/`proj_out`).
+    pub fn load(
+        ws: &WeightSource,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        conv1x1: bool,
+    ) -> Result<Self> {
+        let wshape: Vec<usize> = if conv1x1 {
+            vec![out_dim, in_dim, 1, 1]
+        } else {
+            vec![out_dim, in_dim]
+        };
+        let weight = ws.get(wshape, "weight", Init::FanIn(in_dim))?;
+        let weight = if ws.is_meta() {
+            Tensor::zeros((), weight.dtype(), weight.device())?.broadcast_as((out_dim, in_dim))?
+        } else {
+            weight.reshape((out_dim, in_dim))?
+        };
+        let bias = if bias {
+            Some(ws.get(out_dim, "bias", Init::FanIn(in_dim))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            name: ws.prefix().to_string(),
+            weight,
+            bias,
+            conv1x1,
+            adapter: None,
+            unmerged: None,
+        })
+    }
+
+    /// Module path, equal to the diffusers checkpoint key without `.weight`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn in_dim(&self) -> usize {
+        self.weight.dims()[1]
+    }
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+    /// True for layers stored as 1x1 convolutions.
+    pub fn is_conv1x1(&self) -> bool {
+        self.conv1x1
+    }
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    pub fn adapter(&self) -> Option<&LoraAdapter> {
+        self.adapter.as_ref()
+    }
+    pub fn adapter_mut(&mut self) -> Option<&mut LoraAdapter> {
+        self.adapter.as_mut()
+    }
+    pub fn is_merged(&self) -> bool {
+        self.unmerged.is_some()
+    }
+    pub fn num_base_params(&self) -> usize {
+        self.weight.elem_count() + self.bias.as_ref().map_or(0, |b| b.elem_count())
+    }
+
+    /// Attaches a fresh adapter (`B = 0`) initialised per `init`, seeded by `seed`.
+    pub fn init_adapter(
+        &mut self,
+        rank: usize,
+        alpha: f64,
+        init: LoraInit,
+        seed: u64,
+        device: &Device,
+    ) -> Result<&LoraAdapter> {
+        let (out_dim, in_dim) = (self.out_dim(), self.in_dim());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n = rank * in_dim;
+        let a: Vec<f32> = match init {
+            LoraInit::Normal { std } => {
+                let d = Normal::new(0.0, std)
+                    .with_context(|| format!("invalid LoRA init std {std}"))?;
+                (0..n).map(|_| d.sample(&mut rng) as f32).collect()
+            }
+            LoraInit::KaimingUniform => {
+                let bound = 1.0 / (in_dim as f64).sqrt();
+                let d = Uniform::new(-bound, bound)?;
+                (0..n).map(|_| d.sample(&mut rng) as f32).collect()
+            }
+        };
+        let a = Tensor::from_vec(a, (rank, in_dim), &Device::Cpu)?.to_device(device)?;
+        let b = Tensor::zeros((out_dim, rank), DType::F32, device)?;
+        self.set_adapter(a, b, alpha)
+    }
+
+    /// Attaches an adapter with given `A [rank, in]` and `B [out, rank]` (converted to f32
+    /// `Var`s on the base weight's device).
+    pub fn set_adapter(&mut self, a: Tensor, b: Tensor, alpha: f64) -> Result<&LoraAdapter> {
+        if self.is_merged() {
+            bail!(
+                "{}: cannot replace the adapter while it is merged; unmerge first",
+                self.name
+            );
+        }
+        let a = squeeze_1x1(a)?;
+        let b = squeeze_1x1(b)?;
+        let (ra, ia) = a
+            .dims2()
+            .with_context(|| format!("{}: LoRA A must be 2-D", self.name))?;
+        let (ob, rb) = b
+            .dims2()
+            .with_context(|| format!("{}: LoRA B must be 2-D", self.name))?;
+        if ia != self.in_dim() || ob != self.out_dim() || ra != rb {
+            bail!(
+                "{}: LoRA shapes A {:?} / B {:?} do not fit a layer {} -> {} (expected A [r, {}], B [{}, r])",
+                self.name, a.dims(), b.dims(), self.in_dim(), self.out_dim(), self.in_dim(), self.out_dim()
+            );
+        }
+        let dev = self.weight.device().clone();
+        let a = Var::from_tensor(&a.to_dtype(DType::F32)?.to_device(&dev)?)?;
+        let b = Var::from_tensor(&b.to_dtype(DType::F32)?.to_device(&dev)?)?;
+        self.adapter = Some(LoraAdapter {
+            a,
+            b,
+            alpha,
+            scale: 1.0,
+            enabled: true,
+        });
+        Ok(self.adapter.as_ref().expect("adapter just set"))
+    }
+
+    /// Removes the adapter (unmerging first if needed).
+    pub fn remove_adapter(&mut self) -> Result<Option<LoraAdapter>> {
+        self.unmerge()?;
+        Ok(self.adapter.take())
+    }
+
+    /// Folds `scale·(alpha/rank)·B·A` into the base weight; the forward then skips the LoRA
+    /// branch. Training a merged layer is refused by `forward` (gradients would not reach A, B).
+    pub fn merge(&mut self) -> Result<()> {
+        let Some(ad) = &self.adapter else {
+            return Ok(());
+        };
+        if self.is_merged() || !ad.enabled || ad.scale == 0.0 {
+            return Ok(());
+        }
+        let delta = (ad.delta_weight()? * ad.scale)?;
+        let merged = (self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(self.weight.dtype())?;
+        self.unmerged = Some(std::mem::replace(&mut self.weight, merged));
+        Ok(())
+    }
+
+    /// Restores the exact base weight saved by `merge`.
+    pub fn unmerge(&mut self) -> Result<()> {
+        if let Some(w) = self.unmerged.take() {
+            self.weight = w;
+        }
+        Ok(())
+    }
+
+    /// `x [..., in] -> [..., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = linear(x, &self.weight, self.bias.as_ref())?;
+        match &self.adapter {
+            Some(ad) if ad.enabled && ad.scale != 0.0 && !self.is_merged() => {
+                let xf = x.to_dtype(DType::F32)?;
+                let h = linear(
+                    &linear(&xf, ad.a.as_tensor(), None)?,
+                    ad.b.as_tensor(),
+                    None,
+                )?;
+                Ok((y + (h * ad.factor())?.to_dtype(x.dtype())?)?)
+            }
+            _ => Ok(y),
+        }
+    }
+}
+
+fn squeeze_1x1(t: Tensor) -> Result<Tensor> {
+    match t.dims() {
+        [o, i, 1, 1] => Ok(t.reshape((*o, *i))?),
+        _ => Ok(t),
+    }
+}
+
+/// `x @ w^T + b` over any number of leading dimensions.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let in_dim = *dims.last().context("linear: input has no dimensions")?;
+    let rows = x.elem_count() / in_dim.max(1);
+    let out_dim = w.dims()[0];
+    let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_shape = dims.to_vec();
+    *out_shape.last_mut().expect("non-empty dims") = out_dim;
+    Ok(y.reshape(out_shape)?)
+}

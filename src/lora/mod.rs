@@ -1,0 +1,296 @@
+//! LoRA: configuration, the adapted linear layer, injection by module name, counting, and
+//! runtime control (strength, on/off, merge).
+
+pub mod config;
+pub mod io;
+pub mod linear;
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Var};
+use candle_nn::VarMap;
+use serde::Serialize;
+
+pub use config::{target_matches, LoraConfig, LoraInit, INJECTABLE};
+pub use io::{LoraFile, LoraFormat, LoraModuleWeights};
+pub use linear::{LoraAdapter, LoraLinear};
+
+/// A model whose linear layers can carry LoRA adapters. Implemented by the UNet; the provided
+/// methods do the injection, counting and control.
+pub trait LoraModel: Clone {
+    /// Visits every LoRA-capable linear layer in a fixed order.
+    fn for_each_linear(&mut self, f: &mut dyn FnMut(&mut LoraLinear) -> Result<()>) -> Result<()>;
+    /// Number of frozen (base) parameters.
+    fn base_param_count(&self) -> usize;
+    fn device(&self) -> &Device;
+
+    /// Snapshot of the linear layers (cheap: tensors are shared, not copied).
+    fn linears(&self) -> Result<Vec<LoraLinear>> {
+        let mut out = Vec::new();
+        self.clone().for_each_linear(&mut |l| {
+            out.push(l.clone());
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Module paths of all LoRA-capable linear layers.
+    fn linear_names(&self) -> Result<Vec<String>> {
+        Ok(self
+            .linears()?
+            .iter()
+            .map(|l| l.name().to_string())
+            .collect())
+    }
+
+    /// Adds a fresh adapter to every layer matching `cfg.targets` and registers its `A`/`B`
+    /// in `varmap` as `<module>.lora_A.weight` / `<module>.lora_B.weight`.
+    fn inject_lora(&mut self, cfg: &LoraConfig, varmap: &VarMap) -> Result<LoraSummary> {
+        cfg.validate()?;
+        let names = self.linear_names()?;
+        for t in &cfg.targets {
+            if !names.iter().any(|n| target_matches(t, n)) {
+                bail!(
+                    "LoRA target `{t}` matches no module of this model (try one of {})",
+                    INJECTABLE.join(", ")
+                );
+            }
+        }
+        let device = self.device().clone();
+        let mut index = 0u64;
+        let mut new_vars: Vec<(String, Var)> = Vec::new();
+        self.for_each_linear(&mut |l| {
+            if !cfg.matches(l.name()) {
+                return Ok(());
+            }
+            if l.adapter().is_some() {
+                bail!(
+                    "{} already has a LoRA adapter (remove it before injecting again)",
+                    l.name()
+                );
+            }
+            index += 1;
+            let seed = cfg.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let name = l.name().to_string();
+            let ad = l.init_adapter(cfg.rank, cfg.alpha, cfg.init, seed, &device)?;
+            new_vars.push((format!("{name}.lora_A.weight"), ad.a.clone()));
+            new_vars.push((format!("{name}.lora_B.weight"), ad.b.clone()));
+            Ok(())
+        })?;
+        register(varmap, new_vars)?;
+        self.lora_summary()
+    }
+
+    /// Attaches the adapters of a LoRA file (any supported format) and registers them in
+    /// `varmap`. Fails, naming the file and tensor, when a module does not exist in this model
+    /// or a shape does not fit; the model is unchanged then.
+    fn apply_lora_file(&mut self, file: &LoraFile, varmap: &VarMap) -> Result<LoraSummary> {
+        let names = self.linear_names()?;
+        for m in &file.modules {
+            if !names.contains(&m.module) {
+                bail!(
+                    "{}: tensor `{}` targets module `{}`, which this model does not have (a LoRA for another architecture?)",
+                    file.path.display(),
+                    m.source_key,
+                    m.module
+                );
+            }
+        }
+        let mut staged = self.clone();
+        let mut new_vars = Vec::new();
+        staged.for_each_linear(&mut |l| {
+            if let Some(m) = file.modules.iter().find(|m| m.module == l.name()) {
+                if l.adapter().is_some() {
+                    bail!(
+                        "{} already has a LoRA adapter (remove it before loading another)",
+                        l.name()
+                    );
+                }
+                let name = l.name().to_string();
+                let ad = l
+                    .set_adapter(m.a.clone(), m.b.clone(), m.alpha)
+                    .map_err(|e| {
+                        anyhow::anyhow!("{}: tensor `{}`: {e}", file.path.display(), m.source_key)
+                    })?;
+                new_vars.push((format!("{name}.lora_A.weight"), ad.a.clone()));
+                new_vars.push((format!("{name}.lora_B.weight"), ad.b.clone()));
+            }
+            Ok(())
+        })?;
+        register(varmap, new_vars)?;
+        *self = staged;
+        self.lora_summary()
+    }
+
+    /// Counts of adapted layers and parameters.
+    fn lora_summary(&self) -> Result<LoraSummary> {
+        let mut layers = Vec::new();
+        for l in self.linears()? {
+            if let Some(ad) = l.adapter() {
+                layers.push(LoraLayerInfo {
+                    name: l.name().to_string(),
+                    in_dim: l.in_dim(),
+                    out_dim: l.out_dim(),
+                    rank: ad.rank(),
+                    alpha: ad.alpha,
+                    params: ad.num_params(),
+                });
+            }
+        }
+        let trainable: usize = layers.iter().map(|l| l.params).sum();
+        Ok(LoraSummary {
+            lora_layers: layers.len(),
+            trainable_params: trainable,
+            total_params: self.base_param_count() + trainable,
+            layers,
+        })
+    }
+
+    /// The trainable tensors, `(<module>.lora_A.weight | lora_B.weight, var)`.
+    fn lora_vars(&self) -> Result<Vec<(String, Var)>> {
+        let mut out = Vec::new();
+        for l in self.linears()? {
+            if let Some(ad) = l.adapter() {
+                out.push((format!("{}.lora_A.weight", l.name()), ad.a.clone()));
+                out.push((format!("{}.lora_B.weight", l.name()), ad.b.clone()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runtime strength of every adapter (0 = base model, 1 = as trained).
+    fn set_lora_scale(&mut self, scale: f64) -> Result<()> {
+        if !scale.is_finite() {
+            bail!("LoRA scale must be finite, got {scale}");
+        }
+        self.for_each_linear(&mut |l| {
+            if l.is_merged() {
+                bail!("{}: unmerge before changing the LoRA scale", l.name());
+            }
+            if let Some(ad) = l.adapter_mut() {
+                ad.scale = scale;
+            }
+            Ok(())
+        })
+    }
+
+    /// Switches every adapter on or off without touching its weights.
+    fn set_lora_enabled(&mut self, enabled: bool) -> Result<()> {
+        self.for_each_linear(&mut |l| {
+            if l.is_merged() {
+                bail!("{}: unmerge before enabling or disabling LoRA", l.name());
+            }
+            if let Some(ad) = l.adapter_mut() {
+                ad.enabled = enabled;
+            }
+            Ok(())
+        })
+    }
+
+    /// Folds every adapter into its base weight (inference speed-up; undo with `unmerge_lora`).
+    fn merge_lora(&mut self) -> Result<()> {
+        self.for_each_linear(&mut |l| l.merge())
+    }
+
+    /// Restores the exact base weights saved by `merge_lora`.
+    fn unmerge_lora(&mut self) -> Result<()> {
+        self.for_each_linear(&mut |l| l.unmerge())
+    }
+
+    /// Removes every adapter (the model is the base model again).
+    fn remove_lora(&mut self) -> Result<()> {
+        self.for_each_linear(&mut |l| l.remove_adapter().map(|_| ()))
+    }
+}
+
+fn register(varmap: &VarMap, vars: Vec<(String, Var)>) -> Result<()> {
+    let data = varmap.data();
+    let mut map = data
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the VarMap's lock is poisoned (a panic while training?)"))?;
+    for (name, v) in vars {
+        map.insert(name, v);
+    }
+    Ok(())
+}
+
+/// One adapted layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoraLayerInfo {
+    pub name: String,
+    pub in_dim: usize,
+    pub out_dim: usize,
+    pub rank: usize,
+    pub alpha: f64,
+    pub params: usize,
+}
+
+/// What an injection produced: the tutorial's "96 LoRA layers, 2,390,016 trainable,
+/// 861,910,980 total, 0.28%".
+#[derive(Debug, Clone, Serialize)]
+pub struct LoraSummary {
+    pub lora_layers: usize,
+    pub trainable_params: usize,
+    /// Base parameters plus LoRA parameters (as PEFT counts them).
+    pub total_params: usize,
+    pub layers: Vec<LoraLayerInfo>,
+}
+
+impl LoraSummary {
+    /// Trainable / total.
+    pub fn trainable_ratio(&self) -> f64 {
+        if self.total_params == 0 {
+            0.0
+        } else {
+            self.trainable_params as f64 / self.total_params as f64
+        }
+    }
+
+    /// One JSON object: `lora_layers`, `trainable_params`, `total_params`, `trainable_ratio`,
+    /// `layers`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        v["trainable_ratio"] = serde_json::json!(self.trainable_ratio());
+        v
+    }
+
+    /// Shows the summary as a small HTML table in an evcxr notebook cell.
+    pub fn evcxr_display(&self) {
+        println!(
+            "EVCXR_BEGIN_CONTENT text/html\n<table><tr><td>LoRA layers</td><td>{}</td></tr><tr><td>trainable params</td><td>{}</td></tr><tr><td>total params</td><td>{}</td></tr><tr><td>trainable ratio</td><td>{:.2}%</td></tr></table>\nEVCXR_END_CONTENT",
+            self.lora_layers,
+            group_digits(self.trainable_params),
+            group_digits(self.total_params),
+            100.0 * self.trainable_ratio()
+        );
+    }
+}
+
+impl std::fmt::Display for LoraSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "LoRA layers:      {}", self.lora_layers)?;
+        writeln!(
+            f,
+            "trainable params: {}",
+            group_digits(self.trainable_params)
+        )?;
+        writeln!(f, "total params:     {}", group_digits(self.total_params))?;
+        write!(
+            f,
+            "trainable ratio:  {:.2}%",
+            100.0 * self.trainable_ratio()
+        )
+    }
+}
+
+/// `2390016` -> `2,390,016`.
+pub fn group_digits(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

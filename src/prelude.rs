@@ -1,0 +1,11 @@
+//! Everything a notebook or script needs: `use sd_lora::prelude::*;`.
+
+pub use crate::lora::io::save_lora;
+pub use crate::lora::{
+    group_digits, LoraConfig, LoraFile, LoraFormat, LoraInit, LoraLinear, LoraModel, LoraSummary,
+};
+pub use crate::unet::{UNet2DConditionModel, UNetConfig};
+pub use crate::weights::WeightSource;
+pub use anyhow::Result;
+pub use candle_core::{DType, Device, Tensor, Var, D};
+pub use candle_nn::VarMap;

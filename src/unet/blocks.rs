@@ -1,0 +1,234 @@
+//! Down, mid and up blocks (diffusers' `unet_2d_blocks.py`): `CrossAttnDownBlock2D` and
+//! `DownBlock2D` share [`DownBlock`], `CrossAttnUpBlock2D` and `UpBlock2D` share [`UpBlock`]
+//! (the plain variants simply have no attentions).
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+use super::transformer_2d::Transformer2DModel;
+use crate::lora::LoraLinear;
+use crate::weights::WeightSource;
+
+/// Shared hyper-parameters of the blocks at one level.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockSpec {
+    pub temb: usize,
+    pub groups: usize,
+    pub eps: f64,
+    pub heads: usize,
+    pub transformer_layers: usize,
+    pub context_dim: usize,
+    pub linear_projection: bool,
+}
+
+fn load_attn(ws: &WeightSource, i: usize, ch: usize, s: &BlockSpec) -> Result<Transformer2DModel> {
+    Transformer2DModel::load(
+        &ws.pp(format!("attentions.{i}")),
+        ch,
+        s.heads,
+        s.transformer_layers,
+        s.context_dim,
+        s.groups,
+        s.linear_projection,
+    )
+}
+
+#[derive(Debug, Clone)]
+pub struct DownBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    /// Empty for `DownBlock2D`.
+    pub attentions: Vec<Transformer2DModel>,
+    pub downsampler: Option<Downsample2D>,
+}
+
+impl DownBlock {
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        ws: &WeightSource,
+        cin: usize,
+        cout: usize,
+        layers: usize,
+        cross_attn: bool,
+        downsample: Option<usize>,
+        s: &BlockSpec,
+    ) -> Result<Self> {
+        let mut resnets = Vec::new();
+        let mut attentions = Vec::new();
+        for i in 0..layers {
+            let c = if i == 0 { cin } else { cout };
+            resnets.push(ResnetBlock2D::load(
+                &ws.pp(format!("resnets.{i}")),
+                c,
+                cout,
+                s.temb,
+                s.groups,
+                s.eps,
+                1.0,
+            )?);
+            if cross_attn {
+                attentions.push(load_attn(ws, i, cout, s)?);
+            }
+        }
+        let downsampler = match downsample {
+            Some(padding) => Some(Downsample2D::load(&ws.pp("downsamplers.0"), cout, padding)?),
+            None => None,
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            downsampler,
+        })
+    }
+
+    /// Returns the block output and the states it hands to the up path (one per resnet, plus
+    /// the down-sampled output).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut h = x.clone();
+        let mut states = Vec::new();
+        for (i, r) in self.resnets.iter().enumerate() {
+            h = r.forward(&h, temb)?;
+            if let Some(a) = self.attentions.get(i) {
+                h = a.forward(&h, ctx)?;
+            }
+            states.push(h.clone());
+        }
+        if let Some(d) = &self.downsampler {
+            h = d.forward(&h)?;
+            states.push(h.clone());
+        }
+        Ok((h, states))
+    }
+}
+
+/// `resnets.0 -> attentions.0 -> resnets.1` (`UNetMidBlock2DCrossAttn`).
+#[derive(Debug, Clone)]
+pub struct MidBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2DModel>,
+}
+
+impl MidBlock {
+    pub fn load(ws: &WeightSource, ch: usize, scale: f64, s: &BlockSpec) -> Result<Self> {
+        let r = |i: usize| {
+            ResnetBlock2D::load(
+                &ws.pp(format!("resnets.{i}")),
+                ch,
+                ch,
+                s.temb,
+                s.groups,
+                s.eps,
+                scale,
+            )
+        };
+        Ok(Self {
+            resnets: vec![r(0)?, r(1)?],
+            attentions: vec![load_attn(ws, 0, ch, s)?],
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let h = self.resnets[0].forward(x, temb)?;
+        let h = self.attentions[0].forward(&h, ctx)?;
+        self.resnets[1].forward(&h, temb)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    /// Empty for `UpBlock2D`.
+    pub attentions: Vec<Transformer2DModel>,
+    pub upsampler: Option<Upsample2D>,
+}
+
+impl UpBlock {
+    /// `prev`: channels coming from the block below; `skip_in`: channels of the deepest skip
+    /// connection this block consumes (diffusers' `in_channels`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        ws: &WeightSource,
+        skip_in: usize,
+        prev: usize,
+        cout: usize,
+        layers: usize,
+        cross_attn: bool,
+        upsample: bool,
+        s: &BlockSpec,
+    ) -> Result<Self> {
+        let mut resnets = Vec::new();
+        let mut attentions = Vec::new();
+        for i in 0..layers {
+            let skip = if i == layers - 1 { skip_in } else { cout };
+            let rin = if i == 0 { prev } else { cout };
+            resnets.push(ResnetBlock2D::load(
+                &ws.pp(format!("resnets.{i}")),
+                rin + skip,
+                cout,
+                s.temb,
+                s.groups,
+                s.eps,
+                1.0,
+            )?);
+            if cross_attn {
+                attentions.push(load_attn(ws, i, cout, s)?);
+            }
+        }
+        let upsampler = if upsample {
+            Some(Upsample2D::load(&ws.pp("upsamplers.0"), cout)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            upsampler,
+        })
+    }
+
+    /// Consumes one skip state per resnet from the end of `skips`; `size` is the spatial size
+    /// to up-sample to (the next skip's), when the latent is not a multiple of the down factor.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        skips: &mut Vec<Tensor>,
+        temb: &Tensor,
+        ctx: &Tensor,
+        size: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (i, r) in self.resnets.iter().enumerate() {
+            let Some(skip) = skips.pop() else {
+                bail!("UNet internal error: ran out of skip connections")
+            };
+            h = r.forward(&Tensor::cat(&[&h, &skip], 1)?, temb)?;
+            if let Some(a) = self.attentions.get(i) {
+                h = a.forward(&h, ctx)?;
+            }
+        }
+        if let Some(u) = &self.upsampler {
+            h = u.forward(&h, size)?;
+        }
+        Ok(h)
+    }
+}
+
+/// Visits every LoRA-capable linear of a set of resnets and attentions.
+pub(crate) fn visit(
+    resnets: &mut [ResnetBlock2D],
+    attentions: &mut [Transformer2DModel],
+    f: &mut dyn FnMut(&mut LoraLinear) -> Result<()>,
+) -> Result<()> {
+    for r in resnets {
+        f(&mut r.time_emb_proj)?;
+    }
+    for a in attentions {
+        a.for_each_linear(f)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! Our trainable `UNet2DConditionModel` (diffusers' names and checkpoint keys), with every
+//! linear projection a [`LoraLinear`].
+
+pub mod attention;
+pub mod blocks;
+pub mod config;
+pub mod embeddings;
+pub mod nn;
+pub mod resnet;
+pub mod transformer_2d;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+
+pub use config::{PerBlock, UNetConfig};
+
+use crate::lora::{LoraLinear, LoraModel};
+use crate::weights::{find_weight_files, ParamRecord, WeightSource};
+use blocks::{BlockSpec, DownBlock, MidBlock, UpBlock};
+use embeddings::{timestep_features, TimestepEmbedding};
+use nn::{Conv2d, GroupNorm};
+
+/// Stable Diffusion's noise-prediction UNet.
+#[derive(Debug, Clone)]
+pub struct UNet2DConditionModel {
+    pub config: UNetConfig,
+    pub conv_in: Conv2d,
+    pub time_embedding: TimestepEmbedding,
+    pub down_blocks: Vec<DownBlock>,
+    pub mid_block: MidBlock,
+    pub up_blocks: Vec<UpBlock>,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+    params: Vec<ParamRecord>,
+    dtype: DType,
+    device: Device,
+}
+
+/// Resolves a diffusers UNet folder: `dir/unet/config.json` (pipeline root) or
+/// `dir/config.json` (the unet folder itself).
+pub fn unet_dir(dir: &Path) -> Result<PathBuf> {
+    if dir.join("unet").join("config.json").is_file() {
+        Ok(dir.join("unet"))
+    } else if dir.join("config.json").is_file() {
+        Ok(dir.to_path_buf())
+    } else if !dir.exists() {
+        bail!("model folder {} does not exist", dir.display())
+    } else {
+        bail!(
+            "{} is not a diffusers model folder: neither unet/config.json nor config.json is there",
+            dir.display()
+        )
+    }
+}
+
+impl UNet2DConditionModel {
+    /// Builds the UNet for `config` with tensors from `ws` (keys as in diffusers checkpoints).
+    pub fn new(config: &UNetConfig, ws: &WeightSource) -> Result<Self> {
+        config.validate()?;
+        let ch = &config.block_out_channels;
+        let n = ch.len();
+        let (heads, layers, cross, tl) = (
+            config.heads()?,
+            config.layers()?,
+            config.cross_dims()?,
+            config.transformer_layers()?,
+        );
+        let temb = config.time_embed_dim();
+        let spec = |i: usize| BlockSpec {
+            temb,
+            groups: config.norm_num_groups,
+            eps: config.norm_eps,
+            heads: heads[i],
+            transformer_layers: tl[i],
+            context_dim: cross[i],
+            linear_projection: config.use_linear_projection,
+        };
+        let (kin, kout) = (config.conv_in_kernel, config.conv_out_kernel);
+        let conv_in = Conv2d::load(
+            &ws.pp("conv_in"),
+            config.in_channels,
+            ch[0],
+            kin,
+            1,
+            kin / 2,
+        )?;
+        let time_embedding = TimestepEmbedding::load(&ws.pp("time_embedding"), ch[0], temb)?;
+        let mut down_blocks = Vec::with_capacity(n);
+        for i in 0..n {
+            let cin = if i == 0 { ch[0] } else { ch[i - 1] };
+            let cross_attn = config.down_block_types[i] == "CrossAttnDownBlock2D";
+            let down = (i + 1 < n).then_some(config.downsample_padding);
+            down_blocks.push(DownBlock::load(
+                &ws.pp(format!("down_blocks.{i}")),
+                cin,
+                ch[i],
+                layers[i],
+                cross_attn,
+                down,
+                &spec(i),
+            )?);
+        }
+        let mid_block = MidBlock::load(
+            &ws.pp("mid_block"),
+            ch[n - 1],
+            config.mid_block_scale_factor,
+            &spec(n - 1),
+        )?;
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut out_ch = ch[n - 1];
+        for i in 0..n {
+            let r = n - 1 - i; // level this up block mirrors
+            let prev = out_ch;
+            out_ch = ch[r];
+            let skip_in = ch[r.saturating_sub(1)];
+            let cross_attn = config.up_block_types[i] == "CrossAttnUpBlock2D";
+            up_blocks.push(UpBlock::load(
+                &ws.pp(format!("up_blocks.{i}")),
+                skip_in,
+                prev,
+                out_ch,
+                layers[r] + 1,
+                cross_attn,
+                i + 1 < n,
+                &spec(r),
+            )?);
+        }
+        let conv_norm_out = GroupNorm::load(
+            &ws.pp("conv_norm_out"),
+            config.norm_num_groups,
+            ch[0],
+            config.norm_eps,
+        )?;
+        let conv_out = Conv2d::load(
+            &ws.pp("conv_out"),
+            ch[0],
+            config.out_channels,
+            kout,
+            1,
+            kout / 2,
+        )?;
+        Ok(Self {
+            config: config.clone(),
+            conv_in,
+            time_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out,
+            conv_out,
+            params: ws.records(),
+            dtype: ws.dtype(),
+            device: ws.device().clone(),
+        })
+    }
+
+    /// Loads `config.json` and `diffusion_pytorch_model[.variant].safetensors` from a diffusers
+    /// folder (pipeline root or its `unet/`), converting weights to `dtype`.
+    pub fn load(dir: &Path, variant: Option<&str>, dtype: DType, device: &Device) -> Result<Self> {
+        let dir = unet_dir(dir)?;
+        let config = UNetConfig::from_file(&dir.join("config.json"))?;
+        let files = find_weight_files(&dir, "diffusion_pytorch_model", variant)?;
+        let ws = WeightSource::from_safetensors(&files, dtype, device)?;
+        Self::new(&config, &ws).with_context(|| format!("loading the UNet from {}", dir.display()))
+    }
+
+    /// Seeded random weights with PyTorch's default initialisation.
+    pub fn random(config: &UNetConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        Self::new(config, &WeightSource::random(seed, dtype, device))
+    }
+
+    /// Structure only (no weights): for counting parameters of big configs. Never run it.
+    pub fn meta(config: &UNetConfig) -> Result<Self> {
+        Self::new(config, &WeightSource::meta(DType::F32))
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every frozen tensor of the model (checkpoint key and shape), in load order.
+    pub fn param_records(&self) -> &[ParamRecord] {
+        &self.params
+    }
+
+    /// Predicts the noise: `sample [B, C, H, W]`, `timesteps [B]` (any numeric dtype; a
+    /// single value is broadcast to the batch), `encoder_hidden_states [B, T, D]`.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, c, h, w) = sample.dims4().with_context(|| {
+            format!("UNet sample must be [B, C, H, W], got {:?}", sample.dims())
+        })?;
+        if c != self.config.in_channels {
+            bail!(
+                "UNet sample has {c} channels, the model expects {}",
+                self.config.in_channels
+            );
+        }
+        let t = match timesteps.dims() {
+            [n] if *n == b => timesteps.clone(),
+            [] | [1] => timesteps.reshape(1)?.broadcast_as(b)?.contiguous()?,
+            d => bail!("timesteps must be [batch = {b}] (or a single value), got shape {d:?}"),
+        };
+        let (eb, _, ed) = encoder_hidden_states.dims3().with_context(|| {
+            format!(
+                "encoder_hidden_states must be [B, T, D], got {:?}",
+                encoder_hidden_states.dims()
+            )
+        })?;
+        let want = self.config.cross_dims()?[0];
+        if eb != b || ed != want {
+            bail!(
+                "encoder_hidden_states has shape {:?}, expected [{b}, T, {want}]",
+                encoder_hidden_states.dims()
+            );
+        }
+        let factor = self.config.downsample_factor();
+        let odd_size = h % factor != 0 || w % factor != 0;
+
+        let ctx = encoder_hidden_states.to_dtype(self.dtype)?;
+        let x = sample.to_dtype(self.dtype)?;
+        let x = if self.config.center_input_sample {
+            ((x * 2.0)? - 1.0)?
+        } else {
+            x
+        };
+        let tf = timestep_features(
+            &t,
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        )?;
+        let temb = self.time_embedding.forward(&tf.to_dtype(self.dtype)?)?;
+
+        let mut x = self.conv_in.forward(&x)?;
+        let mut skips = vec![x.clone()];
+        for block in &self.down_blocks {
+            let (h, states) = block.forward(&x, &temb, &ctx)?;
+            x = h;
+            skips.extend(states);
+        }
+        x = self.mid_block.forward(&x, &temb, &ctx)?;
+        let n = self.up_blocks.len();
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let used = block.resnets.len();
+            let size = if i + 1 < n && odd_size {
+                let s = &skips[skips.len() - used - 1];
+                Some((s.dim(2)?, s.dim(3)?))
+            } else {
+                None
+            };
+            x = block.forward(&x, &mut skips, &temb, &ctx, size)?;
+        }
+        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        self.conv_out.forward(&x)
+    }
+}
+
+impl LoraModel for UNet2DConditionModel {
+    fn for_each_linear(&mut self, f: &mut dyn FnMut(&mut LoraLinear) -> Result<()>) -> Result<()> {
+        f(&mut self.time_embedding.linear_1)?;
+        f(&mut self.time_embedding.linear_2)?;
+        for b in &mut self.down_blocks {
+            blocks::visit(&mut b.resnets, &mut b.attentions, f)?;
+        }
+        blocks::visit(
+            &mut self.mid_block.resnets,
+            &mut self.mid_block.attentions,
+            f,
+        )?;
+        for b in &mut self.up_blocks {
+            blocks::visit(&mut b.resnets, &mut b.attentions, f)?;
+        }
+        Ok(())
+    }
+
+    fn base_param_count(&self) -> usize {
+        self.params.iter().map(|p| p.shape.elem_count()).sum()
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}

@@ -1,0 +1,111 @@
+//! Small frozen building blocks shared by the UNet modules: convolution and group norm.
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use crate::ops;
+use crate::weights::{Init, WeightSource};
+
+/// A 2-D convolution with square kernel, "same"-style padding and a bias.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    pub fn load(
+        ws: &WeightSource,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let fan_in = cin * k * k;
+        Ok(Self {
+            weight: ws.get((cout, cin, k, k), "weight", Init::FanIn(fan_in))?,
+            bias: ws.get(cout, "bias", Init::FanIn(fan_in))?,
+            stride,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
+    }
+}
+
+/// Group normalisation with per-channel affine (`torch.nn.GroupNorm`).
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn load(ws: &WeightSource, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: ws.get(channels, "weight", Init::Ones)?,
+            bias: ws.get(channels, "bias", Init::Zeros)?,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::group_norm(
+            x,
+            self.groups,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+}
+
+/// Layer normalisation over the last dimension (`torch.nn.LayerNorm`), differentiable.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(ws: &WeightSource, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: ws.get(dim, "weight", Init::Ones)?,
+            bias: ws.get(dim, "bias", Init::Zeros)?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::layer_norm(x, &self.weight, &self.bias, self.eps)?)
+    }
+}
+
+/// Nearest-neighbour up-sampling to `(h, w)`, PyTorch's `interpolate(mode="nearest")`
+/// (source index `floor(dst * in / out)`). Integer factors use candle's kernel; other sizes
+/// (latents not divisible by the UNet's down-sampling factor) use index selection, which
+/// keeps a backward pass.
+pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (_, _, ih, iw) = x.dims4()?;
+    if h % ih == 0 && w % iw == 0 && h / ih == w / iw {
+        return Ok(x.upsample_nearest2d(h, w)?);
+    }
+    let idx = |inp: usize, out: usize| -> Result<Tensor> {
+        let v: Vec<u32> = (0..out)
+            .map(|i| (((i as f64) * inp as f64 / out as f64).floor() as usize).min(inp - 1) as u32)
+            .collect();
+        Ok(Tensor::from_vec(v, out, x.device())?)
+    };
+    let y = x.index_select(&idx(ih, h)?, 2)?;
+    Ok(y.index_select(&idx(iw, w)?, 3)?)
+}

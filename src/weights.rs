@@ -1,0 +1,260 @@
+//! Where a model's tensors come from: safetensors files, a seeded random init, or shape-only
+//! placeholders for counting parameters without loading gigabytes.
+//!
+//! Every tensor handed out is recorded (path and shape), so parameter counts and listings come
+//! from the model as built, not from a hand-kept table.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{safetensors::MmapedSafetensors, DType, Device, Shape, Tensor};
+use rand::{Rng, SeedableRng};
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+/// How a parameter is initialised when weights are random (mirrors PyTorch's defaults).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// Uniform in +-1/sqrt(fan_in), PyTorch's default for Linear and Conv weights and biases.
+    FanIn(usize),
+    /// All ones (norm scales).
+    Ones,
+    /// All zeros (norm shifts).
+    Zeros,
+}
+
+enum Backend {
+    Files {
+        st: MmapedSafetensors,
+        files: Vec<PathBuf>,
+    },
+    Random {
+        rng: RefCell<rand::rngs::StdRng>,
+    },
+    /// Shape-only tensors (one element broadcast to the shape): for counting, never for compute.
+    Meta,
+}
+
+/// A record of one tensor handed out by a [`WeightSource`].
+#[derive(Debug, Clone)]
+pub struct ParamRecord {
+    pub path: String,
+    pub shape: Shape,
+}
+
+/// A source of model tensors under a path prefix (diffusers checkpoint key layout).
+#[derive(Clone)]
+pub struct WeightSource {
+    backend: Rc<Backend>,
+    prefix: String,
+    dtype: DType,
+    device: Device,
+    records: Rc<RefCell<Vec<ParamRecord>>>,
+}
+
+impl WeightSource {
+    fn new(backend: Backend, dtype: DType, device: &Device) -> Self {
+        Self {
+            backend: Rc::new(backend),
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+            records: Rc::new(RefCell::new(Vec::new())),
+        }
+    }
+
+    /// Memory-maps safetensors files (several for sharded checkpoints). Tensors are converted
+    /// to `dtype` on load, whatever their stored float type (f32, f16, bf16).
+    pub fn from_safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        for f in files {
+            if !f.is_file() {
+                bail!("weights file {} does not exist", f.display());
+            }
+        }
+        // SAFETY: the files are memory-mapped read-only; we never write to them while mapped.
+        let st = unsafe { MmapedSafetensors::multi(files) }.with_context(|| {
+            format!(
+                "cannot read safetensors file(s) {}",
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        Ok(Self::new(
+            Backend::Files {
+                st,
+                files: files.to_vec(),
+            },
+            dtype,
+            device,
+        ))
+    }
+
+    /// Seeded random weights with PyTorch-like initialisation (for tests, benches, pre-training).
+    pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
+        Self::new(
+            Backend::Random {
+                rng: RefCell::new(rand::rngs::StdRng::seed_from_u64(seed)),
+            },
+            dtype,
+            device,
+        )
+    }
+
+    /// Shape-only placeholders: builds a model's structure for counting without any weights.
+    pub fn meta(dtype: DType) -> Self {
+        Self::new(Backend::Meta, dtype, &Device::Cpu)
+    }
+
+    pub fn is_meta(&self) -> bool {
+        matches!(*self.backend, Backend::Meta)
+    }
+
+    /// A view of this source under `prefix.name`.
+    pub fn pp(&self, name: impl AsRef<str>) -> Self {
+        let name = name.as_ref();
+        let mut s = self.clone();
+        s.prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        s
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Full checkpoint key of `name` under this source's prefix.
+    pub fn path_of(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// Every tensor handed out so far (by this source and all views sharing it).
+    pub fn records(&self) -> Vec<ParamRecord> {
+        self.records.borrow().clone()
+    }
+
+    /// Fetches tensor `name` with the expected `shape`. Stored tensors of the same element
+    /// count in another layout (a 1x1 conv `[o, i, 1, 1]` for a linear `[o, i]`) are reshaped.
+    pub fn get(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Tensor> {
+        let shape: Shape = shape.into();
+        let path = self.path_of(name);
+        let t = match &*self.backend {
+            Backend::Files { st, files } => {
+                let t = st.load(&path, &Device::Cpu).map_err(|_| {
+                    anyhow::anyhow!(
+                        "tensor `{path}` (expected shape {shape:?}) is missing from {}",
+                        list(files)
+                    )
+                })?;
+                if !t.dtype().is_float() {
+                    bail!(
+                        "tensor `{path}` in {} has dtype {:?}, expected a float type",
+                        list(files),
+                        t.dtype()
+                    );
+                }
+                let t = if t.shape() != &shape {
+                    if t.elem_count() == shape.elem_count()
+                        && squeezed(t.dims()) == squeezed(shape.dims())
+                    {
+                        t.reshape(&shape)?
+                    } else {
+                        bail!(
+                            "tensor `{path}` in {} has shape {:?}, expected {:?} (a checkpoint for another model config?)",
+                            list(files),
+                            t.dims(),
+                            shape.dims()
+                        );
+                    }
+                } else {
+                    t
+                };
+                t.to_dtype(self.dtype)?.to_device(&self.device)?
+            }
+            Backend::Random { rng } => {
+                let n = shape.elem_count();
+                let data: Vec<f32> = match init {
+                    Init::Ones => vec![1.0; n],
+                    Init::Zeros => vec![0.0; n],
+                    Init::FanIn(fan_in) => {
+                        let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+                        let mut rng = rng.borrow_mut();
+                        (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+                    }
+                };
+                Tensor::from_vec(data, &shape, &Device::Cpu)?
+                    .to_dtype(self.dtype)?
+                    .to_device(&self.device)?
+            }
+            Backend::Meta => Tensor::zeros((), self.dtype, &Device::Cpu)?.broadcast_as(&shape)?,
+        };
+        self.records.borrow_mut().push(ParamRecord { path, shape });
+        Ok(t)
+    }
+}
+
+fn squeezed(d: &[usize]) -> Vec<usize> {
+    d.iter().copied().filter(|&x| x != 1).collect()
+}
+
+fn list(files: &[PathBuf]) -> String {
+    files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Finds a diffusers model's weights in `dir`: `<stem>.safetensors`, its `.fp16` variant,
+/// or a sharded `<stem>.safetensors.index.json`.
+pub fn find_weight_files(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+    let name = match variant {
+        Some(v) => format!("{stem}.{v}.safetensors"),
+        None => format!("{stem}.safetensors"),
+    };
+    let single = dir.join(&name);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join(format!("{name}.index.json"));
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("cannot read {}", index.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{} has no `weight_map` object", index.display()))?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|f| f.as_str())
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let mut hint = String::new();
+    if variant.is_none() && dir.join(format!("{stem}.fp16.safetensors")).is_file() {
+        hint = " (only the fp16 variant is present: ask for variant \"fp16\")".into();
+    }
+    bail!(
+        "no weights in {}: expected {name} or {name}.index.json{hint}",
+        dir.display()
+    )
+}
