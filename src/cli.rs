@@ -10,11 +10,13 @@ use crate::lora::io::write_safetensors_atomic;
 use crate::lora::{LoraConfig, LoraFile, LoraModel, LoraSummary};
 use crate::unet::{unet_dir, UNet2DConditionModel, UNetConfig};
 
-/// `sd15`, `tiny`, or a folder's `config.json`.
+/// `sd15`, `tiny`, a diffusers folder (its `unet/config.json` or `config.json`), or a
+/// `config.json` file.
 pub fn unet_config(model: &str) -> Result<UNetConfig> {
     match model {
         "sd15" | "sd-1.5" | "sd_v1_5" => Ok(UNetConfig::sd_v1_5()),
         "tiny" => Ok(UNetConfig::tiny()),
+        path if Path::new(path).is_file() => UNetConfig::from_file(Path::new(path)),
         dir => UNetConfig::from_file(&unet_dir(Path::new(dir))?.join("config.json")),
     }
 }
@@ -48,6 +50,9 @@ pub fn unet_forward(
     dtype: DType,
 ) -> Result<String> {
     let device = Device::Cpu;
+    if dtype == DType::BF16 && device.is_cpu() {
+        bail!("bf16 compute is not available on the CPU (candle has no bf16 matmul there): use f32 or f16");
+    }
     let tensors = candle_core::safetensors::load(inputs, &device)
         .with_context(|| format!("cannot read inputs {}", inputs.display()))?;
     let get = |name: &str| -> Result<Tensor> {

@@ -3,56 +3,64 @@
 //! candle's `softmax_last_dim` and fused `layer_norm` record no backward op, so a loss computed
 //! through them silently yields no gradient. The ops here are custom ops whose CPU forward and
 //! backward are single fused passes over rows; on other devices they fall back to compositions of
-//! candle primitives, which candle differentiates itself. Both paths compute in f32 internally.
+//! candle primitives, which candle differentiates itself. Half-precision inputs are computed in
+//! f32, f64 in f64.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
+use num_traits::Float;
 use rayon::prelude::*;
 
 type CResult<T> = candle_core::Result<T>;
 
-/// Element types the fused CPU kernels accept; they compute in f32.
+/// Element types the fused CPU kernels accept, with the type they compute in (f64 for f64,
+/// f32 for everything else).
 trait Elem: Copy + Send + Sync + 'static {
-    fn to32(self) -> f32;
-    fn from32(v: f32) -> Self;
+    type C: num_traits::Float + std::iter::Sum + Send + Sync;
+    fn to_c(self) -> Self::C;
+    fn from_c(v: Self::C) -> Self;
 }
 impl Elem for f32 {
+    type C = f32;
     #[inline(always)]
-    fn to32(self) -> f32 {
+    fn to_c(self) -> f32 {
         self
     }
     #[inline(always)]
-    fn from32(v: f32) -> Self {
+    fn from_c(v: f32) -> Self {
         v
     }
 }
 impl Elem for f64 {
+    type C = f64;
     #[inline(always)]
-    fn to32(self) -> f32 {
-        self as f32
+    fn to_c(self) -> f64 {
+        self
     }
     #[inline(always)]
-    fn from32(v: f32) -> Self {
-        v as f64
+    fn from_c(v: f64) -> Self {
+        v
     }
 }
 impl Elem for half::f16 {
+    type C = f32;
     #[inline(always)]
-    fn to32(self) -> f32 {
+    fn to_c(self) -> f32 {
         self.to_f32()
     }
     #[inline(always)]
-    fn from32(v: f32) -> Self {
+    fn from_c(v: f32) -> Self {
         half::f16::from_f32(v)
     }
 }
 impl Elem for half::bf16 {
+    type C = f32;
     #[inline(always)]
-    fn to32(self) -> f32 {
+    fn to_c(self) -> f32 {
         self.to_f32()
     }
     #[inline(always)]
-    fn from32(v: f32) -> Self {
+    fn from_c(v: f32) -> Self {
         half::bf16::from_f32(v)
     }
 }
@@ -93,21 +101,22 @@ fn dispatch1(
 // softmax over the last dimension
 
 fn softmax_rows<T: Elem>(x: &[T], dim: usize) -> Vec<T> {
-    let mut out = vec![T::from32(0.0); x.len()];
+    let zero = <T::C as num_traits::Zero>::zero();
+    let mut out = vec![T::from_c(zero); x.len()];
     out.par_chunks_mut(dim)
         .zip(x.par_chunks(dim))
         .for_each(|(o, r)| {
-            let max = r.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v.to32()));
-            let mut sum = 0f32;
+            let max = r.iter().fold(T::C::neg_infinity(), |m, v| m.max(v.to_c()));
+            let mut sum = zero;
             let mut tmp = Vec::with_capacity(dim);
             for v in r {
-                let e = (v.to32() - max).exp();
-                sum += e;
+                let e = (v.to_c() - max).exp();
+                sum = sum + e;
                 tmp.push(e);
             }
-            let inv = 1.0 / sum;
+            let inv = sum.recip();
             for (o, e) in o.iter_mut().zip(tmp) {
-                *o = T::from32(e * inv);
+                *o = T::from_c(e * inv);
             }
         });
     out
@@ -115,13 +124,13 @@ fn softmax_rows<T: Elem>(x: &[T], dim: usize) -> Vec<T> {
 
 /// dx = y * (g - sum(g * y)) per row.
 fn softmax_bwd_rows<T: Elem>(y: &[T], g: &[T], dim: usize) -> Vec<T> {
-    let mut out = vec![T::from32(0.0); y.len()];
+    let mut out = vec![T::from_c(<T::C as num_traits::Zero>::zero()); y.len()];
     out.par_chunks_mut(dim)
         .zip(y.par_chunks(dim).zip(g.par_chunks(dim)))
         .for_each(|(o, (y, g))| {
-            let dot: f32 = y.iter().zip(g).map(|(y, g)| y.to32() * g.to32()).sum();
+            let dot: T::C = y.iter().zip(g).map(|(y, g)| y.to_c() * g.to_c()).sum();
             for ((o, y), g) in o.iter_mut().zip(y).zip(g) {
-                *o = T::from32(y.to32() * (g.to32() - dot));
+                *o = T::from_c(y.to_c() * (g.to_c() - dot));
             }
         });
     out
@@ -208,60 +217,67 @@ pub fn softmax_last_dim(x: &Tensor) -> CResult<Tensor> {
 // ---------------------------------------------------------------------------------------------
 // layer norm over the last dimension
 
-fn row_stats<T: Elem>(r: &[T], eps: f32) -> (f32, f32) {
-    let n = r.len() as f32;
-    let mean = r.iter().map(|v| v.to32()).sum::<f32>() / n;
+fn cast<C: num_traits::Float>(v: f64) -> C {
+    C::from(v).unwrap_or_else(C::nan)
+}
+
+fn row_stats<T: Elem>(r: &[T], eps: T::C) -> (T::C, T::C) {
+    let n: T::C = cast(r.len() as f64);
+    let mean = r.iter().map(|v| v.to_c()).sum::<T::C>() / n;
     let var = r
         .iter()
         .map(|v| {
-            let d = v.to32() - mean;
+            let d = v.to_c() - mean;
             d * d
         })
-        .sum::<f32>()
+        .sum::<T::C>()
         / n;
-    (mean, 1.0 / (var + eps).sqrt())
+    (mean, (var + eps).sqrt().recip())
 }
 
-fn layer_norm_rows<T: Elem>(x: &[T], w: &[T], b: &[T], eps: f32) -> Vec<T> {
+fn layer_norm_rows<T: Elem>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     let dim = w.len();
-    let mut out = vec![T::from32(0.0); x.len()];
+    let eps: T::C = cast(eps);
+    let mut out = vec![T::from_c(<T::C as num_traits::Zero>::zero()); x.len()];
     out.par_chunks_mut(dim)
         .zip(x.par_chunks(dim))
         .for_each(|(o, r)| {
             let (mean, rstd) = row_stats(r, eps);
             for (((o, v), w), b) in o.iter_mut().zip(r).zip(w).zip(b) {
-                *o = T::from32((v.to32() - mean) * rstd * w.to32() + b.to32());
+                *o = T::from_c((v.to_c() - mean) * rstd * w.to_c() + b.to_c());
             }
         });
     out
 }
 
 /// dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)) per row.
-fn layer_norm_bwd_rows<T: Elem>(x: &[T], w: &[T], g: &[T], eps: f32) -> Vec<T> {
+fn layer_norm_bwd_rows<T: Elem>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
     let dim = w.len();
-    let mut out = vec![T::from32(0.0); x.len()];
+    let eps: T::C = cast(eps);
+    let zero = <T::C as num_traits::Zero>::zero();
+    let mut out = vec![T::from_c(zero); x.len()];
     out.par_chunks_mut(dim)
         .zip(x.par_chunks(dim).zip(g.par_chunks(dim)))
         .for_each(|(o, (r, g))| {
             let (mean, rstd) = row_stats(r, eps);
-            let n = dim as f32;
-            let (mut s1, mut s2) = (0f32, 0f32);
+            let n: T::C = cast(dim as f64);
+            let (mut s1, mut s2) = (zero, zero);
             for ((v, w), g) in r.iter().zip(w).zip(g) {
-                let gw = g.to32() * w.to32();
-                s1 += gw;
-                s2 += gw * (v.to32() - mean) * rstd;
+                let gw = g.to_c() * w.to_c();
+                s1 = s1 + gw;
+                s2 = s2 + gw * (v.to_c() - mean) * rstd;
             }
             let (m1, m2) = (s1 / n, s2 / n);
             for (((o, v), w), g) in o.iter_mut().zip(r).zip(w).zip(g) {
-                let xhat = (v.to32() - mean) * rstd;
-                *o = T::from32(rstd * (g.to32() * w.to32() - m1 - xhat * m2));
+                let xhat = (v.to_c() - mean) * rstd;
+                *o = T::from_c(rstd * (g.to_c() * w.to_c() - m1 - xhat * m2));
             }
         });
     out
 }
 
 struct LayerNormOp {
-    eps: f32,
+    eps: f64,
 }
 
 fn check_ln(l1: &Layout, l2: &Layout) -> CResult<()> {
@@ -344,7 +360,7 @@ impl CustomOp3 for LayerNormOp {
         let rows = x.elem_count() / w.elem_count();
         let dim = w.elem_count();
         let dw = if w.track_op() {
-            let xhat = layer_norm_composed(x, None, None, self.eps as f64)?;
+            let xhat = layer_norm_composed(x, None, None, self.eps)?;
             Some((g.clone() * xhat)?.reshape((rows, dim))?.sum(0)?)
         } else {
             None
@@ -359,7 +375,7 @@ impl CustomOp3 for LayerNormOp {
 }
 
 struct LayerNormBwd {
-    eps: f32,
+    eps: f64,
 }
 
 impl CustomOp3 for LayerNormBwd {
@@ -426,7 +442,7 @@ pub fn layer_norm_composed(
     eps: f64,
 ) -> CResult<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(candle_core::DType::F32)?;
+    let x = if dtype == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -446,13 +462,14 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> CResult<Tenso
         let w = w.to_dtype(x.dtype())?.contiguous()?;
         let b = b.to_dtype(x.dtype())?.contiguous()?;
         x.contiguous()?
-            .apply_op3(&w, &b, LayerNormOp { eps: eps as f32 })
+            .apply_op3(&w, &b, LayerNormOp { eps })
     } else {
         layer_norm_composed(x, Some(w), Some(b), eps)
     }
 }
 
-/// Group norm over `[B, C, ...]` with `groups` groups and per-channel affine, computed in f32.
+/// Group norm over `[B, C, ...]` with `groups` groups and per-channel affine (computed in f32,
+/// or f64 for f64 input).
 pub fn group_norm(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64) -> CResult<Tensor> {
     let dims = x.dims().to_vec();
     if dims.len() < 2 || dims[1] % groups != 0 {
@@ -463,15 +480,14 @@ pub fn group_norm(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64) -
     }
     let (bsz, c) = (dims[0], dims[1]);
     let dtype = x.dtype();
-    let xg = x
-        .to_dtype(candle_core::DType::F32)?
-        .reshape((bsz, groups, ()))?;
+    let cdt = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let xg = x.to_dtype(cdt)?.reshape((bsz, groups, ()))?;
     let y = if x.device().is_cpu() {
         // The fused row kernel normalises each group; the identity affine is applied here and
         // the per-channel affine below.
         let row = xg.dim(2)?;
-        let ones = Tensor::ones(row, candle_core::DType::F32, x.device())?;
-        let zeros = Tensor::zeros(row, candle_core::DType::F32, x.device())?;
+        let ones = Tensor::ones(row, cdt, x.device())?;
+        let zeros = Tensor::zeros(row, cdt, x.device())?;
         layer_norm(&xg, &ones, &zeros, eps)?
     } else {
         layer_norm_composed(&xg, None, None, eps)?

@@ -1,0 +1,115 @@
+//! The fused differentiable ops: forward against candle's composed reference, backward
+//! against central finite differences (f64).
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use sd_lora::ops;
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    // deterministic pseudo-random values without depending on candle's RNG
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let v: Vec<f64> = (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// Checks d(sum(f(x) * w))/dx from backward() against central differences.
+fn check_grad(f: &dyn Fn(&Tensor) -> Tensor, x0: &Tensor, tol: f64) {
+    let w = randn(x0.dims(), 99);
+    let x = Var::from_tensor(x0).unwrap();
+    let loss = (f(x.as_tensor()) * &w).unwrap().sum_all().unwrap();
+    let g = loss.backward().unwrap().get(x.as_tensor()).expect("no gradient").clone();
+    assert!(max_abs(&g) > 0.0, "gradient is zero");
+    let flat: Vec<f64> = x0.flatten_all().unwrap().to_vec1().unwrap();
+    let gflat: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+    let eps = 1e-6;
+    for i in (0..flat.len()).step_by(7) {
+        let eval = |d: f64| {
+            let mut v = flat.clone();
+            v[i] += d;
+            let xt = Tensor::from_vec(v, x0.dims(), &Device::Cpu).unwrap();
+            (f(&xt) * &w).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
+        assert!((fd - gflat[i]).abs() <= tol * (1.0 + fd.abs()), "element {i}: fd {fd} vs backward {}", gflat[i]);
+    }
+}
+
+#[test]
+fn softmax_forward_matches_reference_in_every_dtype() {
+    let x = (randn(&[3, 5, 17], 1) * 3.0).unwrap();
+    let reference = candle_nn::ops::softmax(&x, D::Minus1).unwrap();
+    for dt in [DType::F64, DType::F32, DType::F16, DType::BF16] {
+        let y = ops::softmax_last_dim(&x.to_dtype(dt).unwrap()).unwrap().to_dtype(DType::F64).unwrap();
+        let err = max_abs(&(y - &reference).unwrap());
+        let tol = if dt == DType::BF16 { 1e-2 } else if dt == DType::F16 { 1e-3 } else { 1e-6 };
+        assert!(err < tol, "{dt:?}: {err}");
+    }
+    // non-contiguous input
+    let xt = x.transpose(1, 2).unwrap();
+    let y = ops::softmax_last_dim(&xt).unwrap();
+    let r = candle_nn::ops::softmax(&xt.contiguous().unwrap(), D::Minus1).unwrap();
+    assert!(max_abs(&(y - r).unwrap()) < 1e-12);
+}
+
+#[test]
+fn softmax_backward_matches_finite_differences() {
+    check_grad(&|x| ops::softmax_last_dim(x).unwrap(), &randn(&[2, 3, 11], 2), 1e-6);
+}
+
+#[test]
+fn layer_norm_forward_matches_reference() {
+    let x = (randn(&[4, 6, 24], 3) + 0.7).unwrap();
+    let w = randn(&[24], 4);
+    let b = randn(&[24], 5);
+    let y = ops::layer_norm(&x, &w, &b, 1e-5).unwrap();
+    let r = candle_nn::ops::layer_norm_slow(&x, &w, &b, 1e-5).unwrap();
+    assert!(max_abs(&(y - r).unwrap()) < 1e-10);
+}
+
+#[test]
+fn layer_norm_backward_matches_finite_differences() {
+    let w = randn(&[13], 6);
+    let b = randn(&[13], 7);
+    check_grad(&|x| ops::layer_norm(x, &w, &b, 1e-5).unwrap(), &randn(&[3, 4, 13], 8), 1e-5);
+}
+
+#[test]
+fn layer_norm_weight_and_bias_gradients_when_trainable() {
+    let x = randn(&[5, 9], 9);
+    let w = Var::from_tensor(&randn(&[9], 10)).unwrap();
+    let b = Var::from_tensor(&randn(&[9], 11)).unwrap();
+    let g = randn(&[5, 9], 12);
+    let fused = (ops::layer_norm(&x, w.as_tensor(), b.as_tensor(), 1e-5).unwrap() * &g).unwrap().sum_all().unwrap();
+    let composed = (ops::layer_norm_composed(&x, Some(w.as_tensor()), Some(b.as_tensor()), 1e-5).unwrap() * &g)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let (gf, gc) = (fused.backward().unwrap(), composed.backward().unwrap());
+    for v in [&w, &b] {
+        let d = max_abs(&(gf.get(v.as_tensor()).unwrap() - gc.get(v.as_tensor()).unwrap()).unwrap());
+        assert!(d < 1e-5, "param grad differs by {d}");
+    }
+}
+
+#[test]
+fn group_norm_forward_and_backward() {
+    let x = randn(&[2, 8, 3, 5], 13);
+    let w = randn(&[8], 14);
+    let b = randn(&[8], 15);
+    let y = ops::group_norm(&x, 4, &w, &b, 1e-6).unwrap();
+    // reference: candle_nn's GroupNorm (composed primitives)
+    let gn = candle_nn::GroupNorm::new(w.clone(), b.clone(), 8, 4, 1e-6).unwrap();
+    let r = candle_core::Module::forward(&gn, &x).unwrap();
+    assert!(max_abs(&(y - r).unwrap()) < 1e-5);
+    check_grad(&|x| ops::group_norm(x, 4, &w, &b, 1e-6).unwrap(), &x, 1e-5);
+    assert!(ops::group_norm(&x, 3, &w, &b, 1e-6).is_err(), "8 channels into 3 groups must fail");
+}
