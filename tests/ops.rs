@@ -23,7 +23,7 @@ fn max_abs(t: &Tensor) -> f64 {
 
 /// Checks d(sum(f(x) * w))/dx from backward() against central differences.
 fn check_grad(f: &dyn Fn(&Tensor) -> Tensor, x0: &Tensor, tol: f64) {
-    let w = randn(x0.dims(), 99);
+    let w = randn(f(x0).dims(), 99);
     let x = Var::from_tensor(x0).unwrap();
     let loss = (f(x.as_tensor()) * &w).unwrap().sum_all().unwrap();
     let g = loss.backward().unwrap().get(x.as_tensor()).expect("no gradient").clone();
@@ -112,4 +112,57 @@ fn group_norm_forward_and_backward() {
     assert!(max_abs(&(y - r).unwrap()) < 1e-5);
     check_grad(&|x| ops::group_norm(x, 4, &w, &b, 1e-6).unwrap(), &x, 1e-5);
     assert!(ops::group_norm(&x, 3, &w, &b, 1e-6).is_err(), "8 channels into 3 groups must fail");
+}
+
+/// Gradient w.r.t. x of sum(f(x) * w) through candle's own ops vs through the frozen op.
+fn input_grads(plain: &dyn Fn(&Tensor) -> Tensor, frozen: &dyn Fn(&Tensor) -> Tensor, x0: &Tensor) -> (Tensor, Tensor, f64) {
+    let x = Var::from_tensor(x0).unwrap();
+    let y1 = plain(x.as_tensor());
+    let y2 = frozen(x.as_tensor());
+    let fwd = max_abs(&(&y1 - &y2).unwrap());
+    let w = randn(y1.dims(), 5);
+    let g1 = (y1 * &w).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
+    let g2 = (y2 * &w).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
+    (g1, g2, fwd)
+}
+
+#[test]
+fn frozen_conv_input_gradient_matches_candle() {
+    // (cin, cout, k, padding, stride, h, w): SD's 3x3 same, 1x1 shortcut, stride-2 down, odd sizes
+    for &(ci, co, k, p, s, h, w) in &[
+        (3, 5, 3, 1, 1, 6, 7),
+        (4, 2, 1, 0, 1, 5, 5),
+        (3, 4, 3, 1, 2, 8, 8),
+        (3, 4, 3, 1, 2, 7, 9),
+        (2, 3, 3, 0, 2, 7, 7),
+        (2, 2, 3, 0, 1, 5, 6),
+    ] {
+        let x0 = randn(&[2, ci, h, w], 21);
+        let kern = randn(&[co, ci, k, k], 22);
+        let (g1, g2, fwd) = input_grads(
+            &|x| x.conv2d(&kern, p, s, 1, 1).unwrap(),
+            &|x| ops::frozen_conv2d(x, &kern, p, s).unwrap(),
+            &x0,
+        );
+        assert!(fwd < 1e-10, "forward differs");
+        let e = max_abs(&(&g1 - &g2).unwrap()) / max_abs(&g1);
+        assert!(e < 1e-10, "conv k{k} p{p} s{s} {h}x{w}: input grad rel err {e}");
+    }
+    // different leftover rows and columns under stride 2 (candle's own backward gets this
+    // shape wrong: it derives the output padding from the height only)
+    let kern = randn(&[3, 2, 3, 3], 23);
+    check_grad(&|x| ops::frozen_conv2d(x, &kern, 0, 2).unwrap(), &randn(&[1, 2, 7, 6], 24), 1e-6);
+}
+
+#[test]
+fn frozen_linear_matches_candle_and_keeps_weight_grads_when_trainable() {
+    let x0 = randn(&[7, 5], 31);
+    let w = randn(&[3, 5], 32);
+    let (g1, g2, fwd) = input_grads(&|x| x.matmul(&w.t().unwrap()).unwrap(), &|x| ops::frozen_linear(x, &w).unwrap(), &x0);
+    assert!(fwd < 1e-12 && max_abs(&(g1 - g2).unwrap()) < 1e-12);
+    // a trainable weight still gets its gradient (full fine-tuning)
+    let wv = Var::from_tensor(&w).unwrap();
+    let x = Var::from_tensor(&x0).unwrap();
+    let g = ops::frozen_linear(x.as_tensor(), wv.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(g.get(wv.as_tensor()).is_some() && g.get(x.as_tensor()).is_some());
 }

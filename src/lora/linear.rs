@@ -242,13 +242,13 @@ fn squeeze_1x1(t: Tensor) -> Result<Tensor> {
     }
 }
 
-/// `x @ w^T + b` over any number of leading dimensions.
+/// `x @ w^T + b` over any number of leading dimensions (no weight gradient when `w` is frozen).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims();
     let in_dim = *dims.last().context("linear: input has no dimensions")?;
     let rows = x.elem_count() / in_dim.max(1);
     let out_dim = w.dims()[0];
-    let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+    let y = crate::ops::frozen_linear(&x.reshape((rows, in_dim))?, w)?;
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,

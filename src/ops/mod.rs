@@ -1,0 +1,16 @@
+//! Differentiable fused ops with hand-written backward passes.
+//!
+//! candle's `softmax_last_dim` and fused `layer_norm` record no backward op, so a loss computed
+//! through them silently yields no gradient. The ops here are custom ops whose CPU forward and
+//! backward are single fused passes over rows; on other devices they fall back to compositions of
+//! candle primitives, which candle differentiates itself. Half-precision inputs are computed in
+//! f32, f64 in f64.
+
+mod cpu;
+mod frozen;
+mod norm;
+mod softmax;
+
+pub use frozen::{conv2d_input_grad, frozen_conv2d, frozen_linear};
+pub use norm::{group_norm, layer_norm, layer_norm_composed};
+pub use softmax::softmax_last_dim;

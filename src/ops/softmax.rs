@@ -1,0 +1,124 @@
+//! Softmax over the last dimension with a fused backward.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use super::cpu::{contiguous, dispatch1, last_dim, CResult, Elem};
+use candle_core::backend::BackendStorage;
+
+
+fn softmax_rows<T: Elem>(x: &[T], dim: usize) -> Vec<T> {
+    let zero = <T::C as num_traits::Zero>::zero();
+    let mut out = vec![T::from_c(zero); x.len()];
+    out.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .for_each(|(o, r)| {
+            let max = r.iter().fold(T::C::neg_infinity(), |m, v| m.max(v.to_c()));
+            let mut sum = zero;
+            let mut tmp = Vec::with_capacity(dim);
+            for v in r {
+                let e = (v.to_c() - max).exp();
+                sum = sum + e;
+                tmp.push(e);
+            }
+            let inv = sum.recip();
+            for (o, e) in o.iter_mut().zip(tmp) {
+                *o = T::from_c(e * inv);
+            }
+        });
+    out
+}
+
+/// dx = y * (g - sum(g * y)) per row.
+fn softmax_bwd_rows<T: Elem>(y: &[T], g: &[T], dim: usize) -> Vec<T> {
+    let mut out = vec![T::from_c(<T::C as num_traits::Zero>::zero()); y.len()];
+    out.par_chunks_mut(dim)
+        .zip(y.par_chunks(dim).zip(g.par_chunks(dim)))
+        .for_each(|(o, (y, g))| {
+            let dot: T::C = y.iter().zip(g).map(|(y, g)| y.to_c() * g.to_c()).sum();
+            for ((o, y), g) in o.iter_mut().zip(y).zip(g) {
+                *o = T::from_c(y.to_c() * (g.to_c() - dot));
+            }
+        });
+    out
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "sd-lora-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let dim = last_dim(l)?;
+        let op = "softmax";
+        let out = dispatch1(
+            s,
+            op,
+            |v| Ok(softmax_rows(contiguous(v, l, op)?, dim)),
+            |v| Ok(softmax_rows(contiguous(v, l, op)?, dim)),
+            |v| Ok(softmax_rows(contiguous(v, l, op)?, dim)),
+            |v| Ok(softmax_rows(contiguous(v, l, op)?, dim)),
+        )?;
+        Ok((out, l.shape().clone()))
+    }
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        Ok(Some(res.apply_op2_no_bwd(&g, &SoftmaxBwd)?))
+    }
+}
+
+struct SoftmaxBwd;
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "sd-lora-softmax-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let dim = last_dim(l1)?;
+        let op = "softmax-bwd";
+        let out = match (s1, s2) {
+            (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(softmax_bwd_rows(
+                contiguous(y, l1, op)?,
+                contiguous(g, l2, op)?,
+                dim,
+            )),
+            (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(softmax_bwd_rows(
+                contiguous(y, l1, op)?,
+                contiguous(g, l2, op)?,
+                dim,
+            )),
+            (CpuStorage::F16(y), CpuStorage::F16(g)) => CpuStorage::F16(softmax_bwd_rows(
+                contiguous(y, l1, op)?,
+                contiguous(g, l2, op)?,
+                dim,
+            )),
+            (CpuStorage::BF16(y), CpuStorage::BF16(g)) => CpuStorage::BF16(softmax_bwd_rows(
+                contiguous(y, l1, op)?,
+                contiguous(g, l2, op)?,
+                dim,
+            )),
+            (a, _) => return Err(candle_core::Error::UnsupportedDTypeForOp(a.dtype(), op)),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension, with a backward pass.
+pub fn softmax_last_dim(x: &Tensor) -> CResult<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(Softmax)
+    } else {
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    }
+}
+
