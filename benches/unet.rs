@@ -33,21 +33,44 @@ fn time(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f6
         f()?;
         t.push(s.elapsed().as_secs_f64());
     }
-    let (min, max) = (t.iter().cloned().fold(f64::MAX, f64::min), t.iter().cloned().fold(0.0, f64::max));
+    let (min, max) = (
+        t.iter().cloned().fold(f64::MAX, f64::min),
+        t.iter().cloned().fold(0.0, f64::max),
+    );
     Ok((median(&mut t), min, max))
 }
 
 fn main() -> Result<()> {
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let cases = [
-        Case { name: "tiny b4 32x32", config: UNetConfig::tiny(), batch: 4, latent: 32, tokens: 77, iters: 5 },
-        Case { name: "sd15 b1 32x32", config: UNetConfig::sd_v1_5(), batch: 1, latent: 32, tokens: 77, iters: 3 },
+        Case {
+            name: "tiny b4 32x32",
+            config: UNetConfig::tiny(),
+            batch: 4,
+            latent: 32,
+            tokens: 77,
+            iters: 5,
+        },
+        Case {
+            name: "sd15 b1 32x32",
+            config: UNetConfig::sd_v1_5(),
+            batch: 1,
+            latent: 32,
+            tokens: 77,
+            iters: 3,
+        },
     ];
     let dev = Device::Cpu;
     println!("threads: {}", candle_core::utils::get_num_threads());
     println!("| case | params | forward s (min-max) | fwd+bwd s (min-max) |");
     println!("|---|---|---|---|");
-    for c in cases.iter().filter(|c| filter.is_empty() || filter.iter().any(|f| c.name.contains(f.as_str()))) {
+    for c in cases
+        .iter()
+        .filter(|c| filter.is_empty() || filter.iter().any(|f| c.name.contains(f.as_str())))
+    {
         let mut u = UNet2DConditionModel::random(&c.config, 0, DType::F32, &dev)?;
         let s = u.inject_lora(&LoraConfig::new(16, 32.0), &VarMap::new())?;
         for (name, v) in u.lora_vars()? {

@@ -28,7 +28,7 @@ enum Backend {
         files: Vec<PathBuf>,
     },
     Random {
-        rng: RefCell<rand::rngs::StdRng>,
+        rng: Box<RefCell<rand::rngs::StdRng>>,
     },
     /// Shape-only tensors (one element broadcast to the shape): for counting, never for compute.
     Meta,
@@ -95,7 +95,7 @@ impl WeightSource {
     pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
         Self::new(
             Backend::Random {
-                rng: RefCell::new(rand::rngs::StdRng::seed_from_u64(seed)),
+                rng: Box::new(RefCell::new(rand::rngs::StdRng::seed_from_u64(seed))),
             },
             dtype,
             device,

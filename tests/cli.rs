@@ -8,13 +8,19 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn sd_lora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sd-lora")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_sd-lora"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn fails_with(o: &Output, needles: &[&str]) {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "expected failure, got success: {err}");
-    assert!(!err.contains("panicked"), "panicked instead of an error: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "panicked instead of an error: {err}"
+    );
     for n in needles {
         assert!(err.contains(n), "error should mention `{n}`: {err}");
     }
@@ -22,25 +28,55 @@ fn fails_with(o: &Output, needles: &[&str]) {
 
 #[test]
 fn inspect_model_json_reports_the_tutorial_numbers() {
-    let o = sd_lora(&["inspect-model", "--model", "sd15", "--rank", "16", "--alpha", "32", "--json"]);
+    let o = sd_lora(&[
+        "inspect-model",
+        "--model",
+        "sd15",
+        "--rank",
+        "16",
+        "--alpha",
+        "32",
+        "--json",
+    ]);
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["lora_layers"], 96);
     assert_eq!(v["trainable_params"], 2_390_016);
     assert_eq!(v["total_params"], 861_910_980);
     assert!((v["trainable_ratio"].as_f64().unwrap() - 0.002773).abs() < 1e-6);
-    let o = sd_lora(&["inspect-model", "--model", "tests/data/sd15_unet_config.json", "--rank", "8", "--targets", "to_q,to_k,to_v,to_out.0"]);
+    let o = sd_lora(&[
+        "inspect-model",
+        "--model",
+        "tests/data/sd15_unet_config.json",
+        "--rank",
+        "8",
+        "--targets",
+        "to_q,to_k,to_v,to_out.0",
+    ]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("128") && text.contains("1,594,368"), "{text}");
     // a diffusers folder works too (config only, no weights read)
-    let o = sd_lora(&["inspect-model", "--model", golden("unet_a").to_str().unwrap(), "--json", "--targets", "all"]);
+    let o = sd_lora(&[
+        "inspect-model",
+        "--model",
+        golden("unet_a").to_str().unwrap(),
+        "--json",
+        "--targets",
+        "all",
+    ]);
     assert!(o.status.success());
 }
 
 #[test]
 fn bad_inputs_give_clear_errors() {
-    fails_with(&sd_lora(&["inspect-model", "--targets", "to_q,to_z"]), &["to_z"]);
-    fails_with(&sd_lora(&["inspect-model", "--model", "/no/such/model"]), &["/no/such/model"]);
+    fails_with(
+        &sd_lora(&["inspect-model", "--targets", "to_q,to_z"]),
+        &["to_z"],
+    );
+    fails_with(
+        &sd_lora(&["inspect-model", "--model", "/no/such/model"]),
+        &["/no/such/model"],
+    );
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.safetensors");
     let out_s = out.to_str().unwrap();
@@ -48,44 +84,154 @@ fn bad_inputs_give_clear_errors() {
     let model_s = model.to_str().unwrap();
     let inputs = golden("unet_a/inputs_square_b2.safetensors");
     let inputs_s = inputs.to_str().unwrap();
-    fails_with(&sd_lora(&["unet-forward", "--model", "/no/such/dir", "--inputs", inputs_s, "--out", out_s]), &["/no/such/dir"]);
-    fails_with(&sd_lora(&["unet-forward", "--model", model_s, "--inputs", "/no/inputs.safetensors", "--out", out_s]), &["/no/inputs.safetensors"]);
+    fails_with(
+        &sd_lora(&[
+            "unet-forward",
+            "--model",
+            "/no/such/dir",
+            "--inputs",
+            inputs_s,
+            "--out",
+            out_s,
+        ]),
+        &["/no/such/dir"],
+    );
+    fails_with(
+        &sd_lora(&[
+            "unet-forward",
+            "--model",
+            model_s,
+            "--inputs",
+            "/no/inputs.safetensors",
+            "--out",
+            out_s,
+        ]),
+        &["/no/inputs.safetensors"],
+    );
     // inputs without `timestep`
     let t = candle_core::safetensors::load(&inputs, &candle_core::Device::Cpu).unwrap();
     let mut partial = t.clone();
     partial.remove("timestep");
     let p = dir.path().join("partial.safetensors");
     candle_core::safetensors::save(&partial, &p).unwrap();
-    fails_with(&sd_lora(&["unet-forward", "--model", model_s, "--inputs", p.to_str().unwrap(), "--out", out_s]), &["timestep", "partial.safetensors"]);
+    fails_with(
+        &sd_lora(&[
+            "unet-forward",
+            "--model",
+            model_s,
+            "--inputs",
+            p.to_str().unwrap(),
+            "--out",
+            out_s,
+        ]),
+        &["timestep", "partial.safetensors"],
+    );
     // a sample with the wrong channel count
     let mut bad = t.clone();
-    bad.insert("sample".into(), bad["sample"].narrow(1, 0, 3).unwrap().contiguous().unwrap());
+    bad.insert(
+        "sample".into(),
+        bad["sample"].narrow(1, 0, 3).unwrap().contiguous().unwrap(),
+    );
     let p = dir.path().join("bad.safetensors");
     candle_core::safetensors::save(&bad, &p).unwrap();
-    fails_with(&sd_lora(&["unet-forward", "--model", model_s, "--inputs", p.to_str().unwrap(), "--out", out_s]), &["3 channels"]);
+    fails_with(
+        &sd_lora(&[
+            "unet-forward",
+            "--model",
+            model_s,
+            "--inputs",
+            p.to_str().unwrap(),
+            "--out",
+            out_s,
+        ]),
+        &["3 channels"],
+    );
     // a LoRA for another architecture
     let other = golden("unet_b/lora_kohya.safetensors");
     fails_with(
-        &sd_lora(&["unet-forward", "--model", model_s, "--inputs", inputs_s, "--out", out_s, "--lora", other.to_str().unwrap()]),
+        &sd_lora(&[
+            "unet-forward",
+            "--model",
+            model_s,
+            "--inputs",
+            inputs_s,
+            "--out",
+            out_s,
+            "--lora",
+            other.to_str().unwrap(),
+        ]),
         &["lora_kohya.safetensors", "lora_unet_"],
     );
     // weights that do not fit the config: unet_a's config with unet_b's weights
     let mixed = dir.path().join("mixed");
     std::fs::create_dir(&mixed).unwrap();
     std::fs::copy(golden("unet_a/unet/config.json"), mixed.join("config.json")).unwrap();
-    std::fs::copy(golden("unet_b/diffusion_pytorch_model.fp16.safetensors"), mixed.join("diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::copy(
+        golden("unet_b/diffusion_pytorch_model.fp16.safetensors"),
+        mixed.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
     fails_with(
-        &sd_lora(&["unet-forward", "--model", mixed.to_str().unwrap(), "--inputs", inputs_s, "--out", out_s]),
-        &["diffusion_pytorch_model.safetensors", "attn2.to_k.weight", "expected [16, 24]"],
+        &sd_lora(&[
+            "unet-forward",
+            "--model",
+            mixed.to_str().unwrap(),
+            "--inputs",
+            inputs_s,
+            "--out",
+            out_s,
+        ]),
+        &[
+            "diffusion_pytorch_model.safetensors",
+            "attn2.to_k.weight",
+            "expected [16, 24]",
+        ],
     );
     // a corrupt config
     std::fs::write(mixed.join("config.json"), "{ not json").unwrap();
-    fails_with(&sd_lora(&["unet-forward", "--model", mixed.to_str().unwrap(), "--inputs", inputs_s, "--out", out_s]), &["config.json"]);
+    fails_with(
+        &sd_lora(&[
+            "unet-forward",
+            "--model",
+            mixed.to_str().unwrap(),
+            "--inputs",
+            inputs_s,
+            "--out",
+            out_s,
+        ]),
+        &["config.json"],
+    );
     // a non-LoRA file given as LoRA
     fails_with(
-        &sd_lora(&["unet-forward", "--model", model_s, "--inputs", inputs_s, "--out", out_s, "--lora", inputs_s]),
+        &sd_lora(&[
+            "unet-forward",
+            "--model",
+            model_s,
+            "--inputs",
+            inputs_s,
+            "--out",
+            out_s,
+            "--lora",
+            inputs_s,
+        ]),
         &["no LoRA tensors", "inputs_square_b2.safetensors"],
     );
-    fails_with(&sd_lora(&["unet-forward", "--model", model_s, "--inputs", inputs_s, "--out", out_s, "--dtype", "bf16"]), &["bf16"]);
-    assert!(!Path::new(&out).exists(), "no output written by failed runs");
+    fails_with(
+        &sd_lora(&[
+            "unet-forward",
+            "--model",
+            model_s,
+            "--inputs",
+            inputs_s,
+            "--out",
+            out_s,
+            "--dtype",
+            "bf16",
+        ]),
+        &["bf16"],
+    );
+    assert!(
+        !Path::new(&out).exists(),
+        "no output written by failed runs"
+    );
 }

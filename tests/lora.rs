@@ -18,12 +18,26 @@ fn counts(cfg: &UNetConfig, rank: usize, targets: &[&str]) -> LoraSummary {
 #[test]
 fn sd15_counts_reproduce_the_tutorial() {
     let qkv = ["to_q", "to_k", "to_v"];
-    for cfg in [UNetConfig::sd_v1_5(), UNetConfig::from_file(Path::new("tests/data/sd15_unet_config.json")).unwrap()] {
-        assert_eq!(cfg, UNetConfig::sd_v1_5(), "config.json parses to the preset");
+    for cfg in [
+        UNetConfig::sd_v1_5(),
+        UNetConfig::from_file(Path::new("tests/data/sd15_unet_config.json")).unwrap(),
+    ] {
+        assert_eq!(
+            cfg,
+            UNetConfig::sd_v1_5(),
+            "config.json parses to the preset"
+        );
         let s = counts(&cfg, 16, &qkv);
-        assert_eq!((s.lora_layers, s.trainable_params, s.total_params), (96, 2_390_016, 861_910_980));
+        assert_eq!(
+            (s.lora_layers, s.trainable_params, s.total_params),
+            (96, 2_390_016, 861_910_980)
+        );
         assert_eq!(format!("{:.2}%", 100.0 * s.trainable_ratio()), "0.28%");
-        assert_eq!(s.total_params - s.trainable_params, 859_520_964, "the UNet's own parameters");
+        assert_eq!(
+            s.total_params - s.trainable_params,
+            859_520_964,
+            "the UNet's own parameters"
+        );
         assert_eq!(counts(&cfg, 4, &qkv).trainable_params, 597_504);
         assert_eq!(counts(&cfg, 32, &qkv).trainable_params, 4_780_032);
         let s = counts(&cfg, 8, &["to_q", "to_k", "to_v", "to_out.0"]);
@@ -35,25 +49,48 @@ fn sd15_counts_reproduce_the_tutorial() {
 fn sd21_counts_match_diffusers_and_peft() {
     // numbers printed by diffusers 0.42.1 + peft 0.21.2 for this config (meta device)
     let cfg = UNetConfig::from_file(Path::new("tests/data/sd21_unet_config.json")).unwrap();
-    assert_eq!(cfg.heads().unwrap(), vec![5, 10, 20, 20], "attention_head_dim list = heads per block");
+    assert_eq!(
+        cfg.heads().unwrap(),
+        vec![5, 10, 20, 20],
+        "attention_head_dim list = heads per block"
+    );
     let s = counts(&cfg, 16, &["to_q", "to_k", "to_v"]);
-    assert_eq!((s.lora_layers, s.trainable_params, s.total_params), (96, 2_521_088, 868_431_812));
+    assert_eq!(
+        (s.lora_layers, s.trainable_params, s.total_params),
+        (96, 2_521_088, 868_431_812)
+    );
 }
 
 #[test]
 fn target_selection() {
     let cfg = UNetConfig::sd_v1_5();
-    assert_eq!(counts(&cfg, 4, &["attn1.to_q", "attn1.to_k", "attn1.to_v"]).lora_layers, 48);
+    assert_eq!(
+        counts(&cfg, 4, &["attn1.to_q", "attn1.to_k", "attn1.to_v"]).lora_layers,
+        48
+    );
     assert_eq!(counts(&cfg, 4, &["attn2.to_k"]).lora_layers, 16);
     assert_eq!(counts(&cfg, 4, &["proj_in", "proj_out"]).lora_layers, 32);
-    assert_eq!(counts(&cfg, 4, &["ff.net.0.proj", "ff.net.2"]).lora_layers, 32);
+    assert_eq!(
+        counts(&cfg, 4, &["ff.net.0.proj", "ff.net.2"]).lora_layers,
+        32
+    );
     let all = LoraConfig::parse_targets("all");
     let all: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
     assert_eq!(counts(&cfg, 4, &all).lora_layers, 16 * 12);
     let mut u = UNet2DConditionModel::meta(&cfg).unwrap();
-    let err = u.inject_lora(&LoraConfig::default().with_targets(&["to_z"]), &VarMap::new()).unwrap_err();
+    let err = u
+        .inject_lora(
+            &LoraConfig::default().with_targets(&["to_z"]),
+            &VarMap::new(),
+        )
+        .unwrap_err();
     assert!(err.to_string().contains("to_z"), "{err}");
-    let err = u.inject_lora(&LoraConfig::default().with_targets(&["attn3.to_q"]), &VarMap::new()).unwrap_err();
+    let err = u
+        .inject_lora(
+            &LoraConfig::default().with_targets(&["attn3.to_q"]),
+            &VarMap::new(),
+        )
+        .unwrap_err();
     assert!(err.to_string().contains("attn3.to_q"), "{err}");
 }
 
@@ -78,34 +115,65 @@ fn every_lora_tensor_gets_a_finite_nonzero_gradient_and_nothing_else_is_trainabl
     for linear_projection in [false, true] {
         let mut u = tiny(linear_projection);
         let vm = VarMap::new();
-        let s = u.inject_lora(&LoraConfig::new(4, 8.0).with_targets(&LoraConfig::parse_targets("all")), &vm).unwrap();
-        assert_eq!(s.lora_layers, 7 * 12, "7 transformers x 12 linears (8 kinds, q/k/v/out twice)");
+        let s = u
+            .inject_lora(
+                &LoraConfig::new(4, 8.0).with_targets(&LoraConfig::parse_targets("all")),
+                &vm,
+            )
+            .unwrap();
+        assert_eq!(
+            s.lora_layers,
+            7 * 12,
+            "7 transformers x 12 linears (8 kinds, q/k/v/out twice)"
+        );
         // B = 0 at init makes dL/dA exactly zero; give B values as after a few steps.
         for (name, v) in u.lora_vars().unwrap() {
             if name.ends_with("lora_B.weight") {
-                v.set(&Tensor::randn(0f32, 0.05, v.shape(), &Device::Cpu).unwrap()).unwrap();
+                v.set(&Tensor::randn(0f32, 0.05, v.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
             }
         }
         let (x, t, c, target) = tiny_inputs(&u);
-        let loss = (u.forward(&x, &t, &c).unwrap() - target).unwrap().sqr().unwrap().mean_all().unwrap();
+        let loss = (u.forward(&x, &t, &c).unwrap() - target)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
         let vars = u.lora_vars().unwrap();
         assert_eq!(vars.len(), 2 * s.lora_layers);
-        assert_eq!(vm.all_vars().len(), vars.len(), "the VarMap holds exactly the LoRA tensors");
+        assert_eq!(
+            vm.all_vars().len(),
+            vars.len(),
+            "the VarMap holds exactly the LoRA tensors"
+        );
         // every variable reachable from the loss is a LoRA tensor: no base weight is a Var
         let ids: Vec<_> = vars.iter().map(|(_, v)| v.as_tensor().id()).collect();
         for node in loss.sorted_nodes() {
             if node.is_variable() {
-                assert!(ids.contains(&node.id()), "a non-LoRA variable is in the graph");
+                assert!(
+                    ids.contains(&node.id()),
+                    "a non-LoRA variable is in the graph"
+                );
             }
         }
         for l in u.linears().unwrap() {
-            assert!(!l.weight().is_variable() && !l.weight().track_op(), "{} base weight is trainable", l.name());
+            assert!(
+                !l.weight().is_variable() && !l.weight().track_op(),
+                "{} base weight is trainable",
+                l.name()
+            );
         }
         let grads = loss.backward().unwrap();
         for (name, v) in &vars {
-            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
             let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
-            assert!(g.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
+            assert!(
+                g.iter().all(|x| x.is_finite()),
+                "{name}: non-finite gradient"
+            );
             assert!(g.iter().any(|x| *x != 0.0), "{name}: zero gradient");
         }
     }
@@ -116,14 +184,30 @@ fn fresh_adapter_leaves_the_model_unchanged_and_b_gets_gradient() {
     let mut u = tiny(false);
     let (x, t, c, target) = tiny_inputs(&u);
     let before = u.forward(&x, &t, &c).unwrap();
-    u.inject_lora(&LoraConfig::default(), &VarMap::new()).unwrap();
+    u.inject_lora(&LoraConfig::default(), &VarMap::new())
+        .unwrap();
     let after = u.forward(&x, &t, &c).unwrap();
-    let d = (before - &after).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (before - &after)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(d, 0.0, "B = 0 must give exactly the base output");
     let loss = (after - target).unwrap().sqr().unwrap().mean_all().unwrap();
     let grads = loss.backward().unwrap();
     for (name, v) in u.lora_vars().unwrap() {
-        let g = grads.get(v.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         if name.ends_with("lora_B.weight") {
             assert!(g > 0.0, "{name}");
         } else {
@@ -135,37 +219,74 @@ fn fresh_adapter_leaves_the_model_unchanged_and_b_gets_gradient() {
 #[test]
 fn initialisations_have_the_documented_statistics() {
     let mut u = UNet2DConditionModel::meta(&UNetConfig::sd_v1_5()).unwrap();
-    u.inject_lora(&LoraConfig::new(16, 32.0).with_targets(&["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]), &VarMap::new())
-        .unwrap();
+    u.inject_lora(
+        &LoraConfig::new(16, 32.0)
+            .with_targets(&["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]),
+        &VarMap::new(),
+    )
+    .unwrap();
     let a = &u.lora_vars().unwrap()[0].1;
     let v: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
     let std = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
     assert!((std - 0.01).abs() < 0.001, "tutorial init std {std}");
     let mut u = UNet2DConditionModel::meta(&UNetConfig::sd_v1_5()).unwrap();
-    let lc = LoraConfig::new(16, 32.0).with_init(LoraInit::KaimingUniform).with_targets(&["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]);
+    let lc = LoraConfig::new(16, 32.0)
+        .with_init(LoraInit::KaimingUniform)
+        .with_targets(&["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]);
     u.inject_lora(&lc, &VarMap::new()).unwrap();
-    let v: Vec<f32> = u.lora_vars().unwrap()[0].1.flatten_all().unwrap().to_vec1().unwrap();
+    let v: Vec<f32> = u.lora_vars().unwrap()[0]
+        .1
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let bound = 1.0 / (320f32).sqrt();
     let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
-    assert!(max <= bound && max > 0.95 * bound, "kaiming-uniform bound {bound}, max {max}");
+    assert!(
+        max <= bound && max > 0.95 * bound,
+        "kaiming-uniform bound {bound}, max {max}"
+    );
     let b = &u.lora_vars().unwrap()[1].1;
-    assert_eq!(b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    assert_eq!(
+        b.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
 }
 
 #[test]
 fn saved_lora_files_round_trip_in_both_formats() {
     let dir = tempfile::tempdir().unwrap();
-    let load_a = || UNet2DConditionModel::load(&golden("unet_a"), None, DType::F32, &Device::Cpu).unwrap();
+    let load_a =
+        || UNet2DConditionModel::load(&golden("unet_a"), None, DType::F32, &Device::Cpu).unwrap();
     let mut u = load_a();
     // mixed ranks and alphas, conv (1x1) and linear layers
-    u.inject_lora(&LoraConfig::new(4, 6.0).with_targets(&["to_q", "proj_in", "ff.net.2"]), &VarMap::new()).unwrap();
-    u.inject_lora(&LoraConfig::new(2, 5.0).with_targets(&["attn2.to_k"]), &VarMap::new()).unwrap();
+    u.inject_lora(
+        &LoraConfig::new(4, 6.0).with_targets(&["to_q", "proj_in", "ff.net.2"]),
+        &VarMap::new(),
+    )
+    .unwrap();
+    u.inject_lora(
+        &LoraConfig::new(2, 5.0).with_targets(&["attn2.to_k"]),
+        &VarMap::new(),
+    )
+    .unwrap();
     for (_, v) in u.lora_vars().unwrap() {
-        v.set(&Tensor::randn(0f32, 0.2, v.shape(), &Device::Cpu).unwrap()).unwrap();
+        v.set(&Tensor::randn(0f32, 0.2, v.shape(), &Device::Cpu).unwrap())
+            .unwrap();
     }
     let t = load("unet_a/inputs_square_b2.safetensors");
-    let y = u.forward(&t["sample"], &t["timestep"], &t["encoder_hidden_states"]).unwrap();
-    for (fmt, name) in [(LoraFormat::Peft, "peft.safetensors"), (LoraFormat::Kohya, "kohya.safetensors")] {
+    let y = u
+        .forward(&t["sample"], &t["timestep"], &t["encoder_hidden_states"])
+        .unwrap();
+    for (fmt, name) in [
+        (LoraFormat::Peft, "peft.safetensors"),
+        (LoraFormat::Kohya, "kohya.safetensors"),
+    ] {
         let path = dir.path().join(name);
         save_lora(&u.linears().unwrap(), fmt, &path).unwrap();
         let mut v = load_a();
@@ -177,35 +298,59 @@ fn saved_lora_files_round_trip_in_both_formats() {
         for (a, b) in s1.layers.iter().zip(&s2.layers) {
             assert_eq!((&a.name, a.rank, a.alpha), (&b.name, b.rank, b.alpha));
         }
-        let y2 = v.forward(&t["sample"], &t["timestep"], &t["encoder_hidden_states"]).unwrap();
+        let y2 = v
+            .forward(&t["sample"], &t["timestep"], &t["encoder_hidden_states"])
+            .unwrap();
         assert!(rel_err(&y2, &y) < 1e-6, "{fmt:?} round trip");
     }
     // the PEFT file carries diffusers' metadata with the per-module patterns
     let bytes = std::fs::read(dir.path().join("peft.safetensors")).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let m: serde_json::Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["lora_adapter_metadata"]).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["lora_adapter_metadata"]).unwrap();
     assert_eq!(m["unet.r"], 4);
     assert_eq!(m["unet.lora_alpha"], 6.0);
-    assert_eq!(m["unet.alpha_pattern"].as_object().unwrap().len(), 7, "the 7 attn2.to_k layers: {m}");
+    assert_eq!(
+        m["unet.alpha_pattern"].as_object().unwrap().len(),
+        7,
+        "the 7 attn2.to_k layers: {m}"
+    );
     assert_eq!(m["unet.rank_pattern"].as_object().unwrap().len(), 7, "{m}");
 }
 
 #[test]
 fn lora_for_another_architecture_is_rejected_with_file_and_tensor() {
-    let mut u = UNet2DConditionModel::load(&golden("unet_a"), None, DType::F32, &Device::Cpu).unwrap();
+    let mut u =
+        UNet2DConditionModel::load(&golden("unet_a"), None, DType::F32, &Device::Cpu).unwrap();
     let path = golden("unet_b/lora_peft.safetensors");
     let lf = LoraFile::read(&path, &u.linear_names().unwrap()).unwrap();
-    let err = u.apply_lora_file(&lf, &VarMap::new()).unwrap_err().to_string();
-    assert!(err.contains("unet_b/lora_peft.safetensors") && err.contains("lora_A.weight"), "{err}");
-    assert_eq!(u.lora_summary().unwrap().lora_layers, 0, "a failed load leaves the model unchanged");
+    let err = u
+        .apply_lora_file(&lf, &VarMap::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unet_b/lora_peft.safetensors") && err.contains("lora_A.weight"),
+        "{err}"
+    );
+    assert_eq!(
+        u.lora_summary().unwrap().lora_layers,
+        0,
+        "a failed load leaves the model unchanged"
+    );
     // same module names, wrong shapes: unet_a's file onto a model with other widths
     let mut cfg = u.config.clone();
     cfg.cross_attention_dim = sd_lora::unet::PerBlock::One(32);
     let mut w = UNet2DConditionModel::random(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
     let path = golden("unet_a/lora_kohya.safetensors");
     let lf = LoraFile::read(&path, &w.linear_names().unwrap()).unwrap();
-    let err = w.apply_lora_file(&lf, &VarMap::new()).unwrap_err().to_string();
-    assert!(err.contains("lora_kohya.safetensors") && err.contains("attn2.to_k"), "{err}");
+    let err = w
+        .apply_lora_file(&lf, &VarMap::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lora_kohya.safetensors") && err.contains("attn2.to_k"),
+        "{err}"
+    );
     assert_eq!(w.lora_summary().unwrap().lora_layers, 0);
 }
 
@@ -214,21 +359,35 @@ fn half_precision_sources_load() {
     let dir = tempfile::tempdir().unwrap();
     let src = golden("unet_a/unet");
     std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
-    let w = candle_core::safetensors::load(src.join("diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
-    let bf: std::collections::HashMap<_, _> = w.iter().map(|(k, v)| (k.clone(), v.to_dtype(DType::BF16).unwrap())).collect();
-    candle_core::safetensors::save(&bf, dir.path().join("diffusion_pytorch_model.safetensors")).unwrap();
+    let w = candle_core::safetensors::load(
+        src.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let bf: std::collections::HashMap<_, _> = w
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_dtype(DType::BF16).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&bf, dir.path().join("diffusion_pytorch_model.safetensors"))
+        .unwrap();
     let t = load("unet_a/inputs_square_b2.safetensors");
     let reference = load("unet_a/base_square_b2.safetensors")["sample"].clone();
     for dtype in [DType::F32, DType::F16] {
         let u = UNet2DConditionModel::load(dir.path(), None, dtype, &Device::Cpu).unwrap();
         assert_eq!(u.dtype(), dtype);
-        let y = u.forward(&t["sample"], &t["timestep"], &t["encoder_hidden_states"]).unwrap();
+        let y = u
+            .forward(&t["sample"], &t["timestep"], &t["encoder_hidden_states"])
+            .unwrap();
         let e = rel_err(&y, &reference);
         assert!(e < 0.05, "bf16 weights ({dtype:?} compute): rel err {e}");
     }
     // asking for the fp16 variant where there is none names what is missing
-    let err = UNet2DConditionModel::load(dir.path(), Some("fp16"), DType::F32, &Device::Cpu).unwrap_err();
-    assert!(format!("{err:#}").contains("diffusion_pytorch_model.fp16.safetensors"), "{err:#}");
+    let err =
+        UNet2DConditionModel::load(dir.path(), Some("fp16"), DType::F32, &Device::Cpu).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("diffusion_pytorch_model.fp16.safetensors"),
+        "{err:#}"
+    );
 }
 
 #[test]
@@ -243,8 +402,18 @@ fn lora_linear_computes_the_documented_formula() {
     let x = Tensor::randn(0f32, 1.0, (3, 4, 6), &dev).unwrap();
     let y = l.forward(&x).unwrap();
     let x2 = x.reshape((12, 6)).unwrap();
-    let base = x2.matmul(&l.weight().t().unwrap()).unwrap().broadcast_add(l.bias().unwrap()).unwrap();
-    let delta = (x2.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap() * (0.5 * 3.0 / 2.0)).unwrap();
+    let base = x2
+        .matmul(&l.weight().t().unwrap())
+        .unwrap()
+        .broadcast_add(l.bias().unwrap())
+        .unwrap();
+    let delta = (x2
+        .matmul(&a.t().unwrap())
+        .unwrap()
+        .matmul(&b.t().unwrap())
+        .unwrap()
+        * (0.5 * 3.0 / 2.0))
+        .unwrap();
     let expect = (base + delta).unwrap().reshape((3, 4, 5)).unwrap();
     assert!(rel_err(&y, &expect) < 1e-6);
     assert!(l.adapter().unwrap().a.as_tensor().is_variable());

@@ -7,10 +7,14 @@ use sd_lora::ops;
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     // deterministic pseudo-random values without depending on candle's RNG
     let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let v: Vec<f64> = (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
         })
         .collect();
@@ -18,7 +22,14 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
 }
 
 fn max_abs(t: &Tensor) -> f64 {
-    t.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 /// Checks d(sum(f(x) * w))/dx from backward() against central differences.
@@ -26,7 +37,12 @@ fn check_grad(f: &dyn Fn(&Tensor) -> Tensor, x0: &Tensor, tol: f64) {
     let w = randn(f(x0).dims(), 99);
     let x = Var::from_tensor(x0).unwrap();
     let loss = (f(x.as_tensor()) * &w).unwrap().sum_all().unwrap();
-    let g = loss.backward().unwrap().get(x.as_tensor()).expect("no gradient").clone();
+    let g = loss
+        .backward()
+        .unwrap()
+        .get(x.as_tensor())
+        .expect("no gradient")
+        .clone();
     assert!(max_abs(&g) > 0.0, "gradient is zero");
     let flat: Vec<f64> = x0.flatten_all().unwrap().to_vec1().unwrap();
     let gflat: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
@@ -36,10 +52,19 @@ fn check_grad(f: &dyn Fn(&Tensor) -> Tensor, x0: &Tensor, tol: f64) {
             let mut v = flat.clone();
             v[i] += d;
             let xt = Tensor::from_vec(v, x0.dims(), &Device::Cpu).unwrap();
-            (f(&xt) * &w).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+            (f(&xt) * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
         };
         let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
-        assert!((fd - gflat[i]).abs() <= tol * (1.0 + fd.abs()), "element {i}: fd {fd} vs backward {}", gflat[i]);
+        assert!(
+            (fd - gflat[i]).abs() <= tol * (1.0 + fd.abs()),
+            "element {i}: fd {fd} vs backward {}",
+            gflat[i]
+        );
     }
 }
 
@@ -48,9 +73,18 @@ fn softmax_forward_matches_reference_in_every_dtype() {
     let x = (randn(&[3, 5, 17], 1) * 3.0).unwrap();
     let reference = candle_nn::ops::softmax(&x, D::Minus1).unwrap();
     for dt in [DType::F64, DType::F32, DType::F16, DType::BF16] {
-        let y = ops::softmax_last_dim(&x.to_dtype(dt).unwrap()).unwrap().to_dtype(DType::F64).unwrap();
+        let y = ops::softmax_last_dim(&x.to_dtype(dt).unwrap())
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
         let err = max_abs(&(y - &reference).unwrap());
-        let tol = if dt == DType::BF16 { 1e-2 } else if dt == DType::F16 { 1e-3 } else { 1e-6 };
+        let tol = if dt == DType::BF16 {
+            1e-2
+        } else if dt == DType::F16 {
+            1e-3
+        } else {
+            1e-6
+        };
         assert!(err < tol, "{dt:?}: {err}");
     }
     // non-contiguous input
@@ -62,7 +96,11 @@ fn softmax_forward_matches_reference_in_every_dtype() {
 
 #[test]
 fn softmax_backward_matches_finite_differences() {
-    check_grad(&|x| ops::softmax_last_dim(x).unwrap(), &randn(&[2, 3, 11], 2), 1e-6);
+    check_grad(
+        &|x| ops::softmax_last_dim(x).unwrap(),
+        &randn(&[2, 3, 11], 2),
+        1e-6,
+    );
 }
 
 #[test]
@@ -79,7 +117,11 @@ fn layer_norm_forward_matches_reference() {
 fn layer_norm_backward_matches_finite_differences() {
     let w = randn(&[13], 6);
     let b = randn(&[13], 7);
-    check_grad(&|x| ops::layer_norm(x, &w, &b, 1e-5).unwrap(), &randn(&[3, 4, 13], 8), 1e-5);
+    check_grad(
+        &|x| ops::layer_norm(x, &w, &b, 1e-5).unwrap(),
+        &randn(&[3, 4, 13], 8),
+        1e-5,
+    );
 }
 
 #[test]
@@ -88,14 +130,20 @@ fn layer_norm_weight_and_bias_gradients_when_trainable() {
     let w = Var::from_tensor(&randn(&[9], 10)).unwrap();
     let b = Var::from_tensor(&randn(&[9], 11)).unwrap();
     let g = randn(&[5, 9], 12);
-    let fused = (ops::layer_norm(&x, w.as_tensor(), b.as_tensor(), 1e-5).unwrap() * &g).unwrap().sum_all().unwrap();
-    let composed = (ops::layer_norm_composed(&x, Some(w.as_tensor()), Some(b.as_tensor()), 1e-5).unwrap() * &g)
+    let fused = (ops::layer_norm(&x, w.as_tensor(), b.as_tensor(), 1e-5).unwrap() * &g)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let composed = (ops::layer_norm_composed(&x, Some(w.as_tensor()), Some(b.as_tensor()), 1e-5)
+        .unwrap()
+        * &g)
         .unwrap()
         .sum_all()
         .unwrap();
     let (gf, gc) = (fused.backward().unwrap(), composed.backward().unwrap());
     for v in [&w, &b] {
-        let d = max_abs(&(gf.get(v.as_tensor()).unwrap() - gc.get(v.as_tensor()).unwrap()).unwrap());
+        let d =
+            max_abs(&(gf.get(v.as_tensor()).unwrap() - gc.get(v.as_tensor()).unwrap()).unwrap());
         assert!(d < 1e-5, "param grad differs by {d}");
     }
 }
@@ -111,18 +159,41 @@ fn group_norm_forward_and_backward() {
     let r = candle_core::Module::forward(&gn, &x).unwrap();
     assert!(max_abs(&(y - r).unwrap()) < 1e-5);
     check_grad(&|x| ops::group_norm(x, 4, &w, &b, 1e-6).unwrap(), &x, 1e-5);
-    assert!(ops::group_norm(&x, 3, &w, &b, 1e-6).is_err(), "8 channels into 3 groups must fail");
+    assert!(
+        ops::group_norm(&x, 3, &w, &b, 1e-6).is_err(),
+        "8 channels into 3 groups must fail"
+    );
 }
 
 /// Gradient w.r.t. x of sum(f(x) * w) through candle's own ops vs through the frozen op.
-fn input_grads(plain: &dyn Fn(&Tensor) -> Tensor, frozen: &dyn Fn(&Tensor) -> Tensor, x0: &Tensor) -> (Tensor, Tensor, f64) {
+fn input_grads(
+    plain: &dyn Fn(&Tensor) -> Tensor,
+    frozen: &dyn Fn(&Tensor) -> Tensor,
+    x0: &Tensor,
+) -> (Tensor, Tensor, f64) {
     let x = Var::from_tensor(x0).unwrap();
     let y1 = plain(x.as_tensor());
     let y2 = frozen(x.as_tensor());
     let fwd = max_abs(&(&y1 - &y2).unwrap());
     let w = randn(y1.dims(), 5);
-    let g1 = (y1 * &w).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
-    let g2 = (y2 * &w).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
+    let g1 = (y1 * &w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+        .get(x.as_tensor())
+        .unwrap()
+        .clone();
+    let g2 = (y2 * &w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+        .get(x.as_tensor())
+        .unwrap()
+        .clone();
     (g1, g2, fwd)
 }
 
@@ -146,23 +217,39 @@ fn frozen_conv_input_gradient_matches_candle() {
         );
         assert!(fwd < 1e-10, "forward differs");
         let e = max_abs(&(&g1 - &g2).unwrap()) / max_abs(&g1);
-        assert!(e < 1e-10, "conv k{k} p{p} s{s} {h}x{w}: input grad rel err {e}");
+        assert!(
+            e < 1e-10,
+            "conv k{k} p{p} s{s} {h}x{w}: input grad rel err {e}"
+        );
     }
     // different leftover rows and columns under stride 2 (candle's own backward gets this
     // shape wrong: it derives the output padding from the height only)
     let kern = randn(&[3, 2, 3, 3], 23);
-    check_grad(&|x| ops::frozen_conv2d(x, &kern, 0, 2).unwrap(), &randn(&[1, 2, 7, 6], 24), 1e-6);
+    check_grad(
+        &|x| ops::frozen_conv2d(x, &kern, 0, 2).unwrap(),
+        &randn(&[1, 2, 7, 6], 24),
+        1e-6,
+    );
 }
 
 #[test]
 fn frozen_linear_matches_candle_and_keeps_weight_grads_when_trainable() {
     let x0 = randn(&[7, 5], 31);
     let w = randn(&[3, 5], 32);
-    let (g1, g2, fwd) = input_grads(&|x| x.matmul(&w.t().unwrap()).unwrap(), &|x| ops::frozen_linear(x, &w).unwrap(), &x0);
+    let (g1, g2, fwd) = input_grads(
+        &|x| x.matmul(&w.t().unwrap()).unwrap(),
+        &|x| ops::frozen_linear(x, &w).unwrap(),
+        &x0,
+    );
     assert!(fwd < 1e-12 && max_abs(&(g1 - g2).unwrap()) < 1e-12);
     // a trainable weight still gets its gradient (full fine-tuning)
     let wv = Var::from_tensor(&w).unwrap();
     let x = Var::from_tensor(&x0).unwrap();
-    let g = ops::frozen_linear(x.as_tensor(), wv.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = ops::frozen_linear(x.as_tensor(), wv.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     assert!(g.get(wv.as_tensor()).is_some() && g.get(x.as_tensor()).is_some());
 }

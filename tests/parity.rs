@@ -17,8 +17,16 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
-    Case { model: "unet_a", variant: None, inputs: &["square_b2", "odd_b1"] },
-    Case { model: "unet_b", variant: Some("fp16"), inputs: &["wide_b2"] },
+    Case {
+        model: "unet_a",
+        variant: None,
+        inputs: &["square_b2", "odd_b1"],
+    },
+    Case {
+        model: "unet_b",
+        variant: Some("fp16"),
+        inputs: &["wide_b2"],
+    },
 ];
 
 fn unet(case: &Case) -> UNet2DConditionModel {
@@ -27,7 +35,8 @@ fn unet(case: &Case) -> UNet2DConditionModel {
 
 fn run(unet: &UNet2DConditionModel, case: &Case, input: &str) -> Tensor {
     let t = load(&format!("{}/inputs_{input}.safetensors", case.model));
-    unet.forward(&t["sample"], &t["timestep"], &t["encoder_hidden_states"]).unwrap()
+    unet.forward(&t["sample"], &t["timestep"], &t["encoder_hidden_states"])
+        .unwrap()
 }
 
 fn reference(case: &Case, kind: &str, input: &str) -> Tensor {
@@ -77,15 +86,34 @@ fn lora_files_in_every_format_match_peft() {
 fn merged_lora_matches_and_unmerge_restores_exactly() {
     let case = &CASES[0];
     let mut u = unet(case);
-    let lf = LoraFile::read(&golden("unet_a/lora_peft.safetensors"), &u.linear_names().unwrap()).unwrap();
+    let lf = LoraFile::read(
+        &golden("unet_a/lora_peft.safetensors"),
+        &u.linear_names().unwrap(),
+    )
+    .unwrap();
     u.apply_lora_file(&lf, &VarMap::new()).unwrap();
-    let before: Vec<Tensor> = u.linears().unwrap().iter().map(|l| l.weight().clone()).collect();
+    let before: Vec<Tensor> = u
+        .linears()
+        .unwrap()
+        .iter()
+        .map(|l| l.weight().clone())
+        .collect();
     u.merge_lora().unwrap();
-    let e = rel_err(&run(&u, case, "square_b2"), &reference(case, "lora", "square_b2"));
+    let e = rel_err(
+        &run(&u, case, "square_b2"),
+        &reference(case, "lora", "square_b2"),
+    );
     assert!(e <= TOL, "merged rel err {e}");
     u.unmerge_lora().unwrap();
     for (l, w) in u.linears().unwrap().iter().zip(before) {
-        let d = (l.weight() - &w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (l.weight() - &w)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d, 0.0, "{} not restored", l.name());
     }
 }
@@ -94,21 +122,40 @@ fn merged_lora_matches_and_unmerge_restores_exactly() {
 fn lora_gradients_match_pytorch() {
     let case = &CASES[0];
     let mut u = unet(case);
-    let lf = LoraFile::read(&golden("unet_a/lora_peft.safetensors"), &u.linear_names().unwrap()).unwrap();
+    let lf = LoraFile::read(
+        &golden("unet_a/lora_peft.safetensors"),
+        &u.linear_names().unwrap(),
+    )
+    .unwrap();
     u.apply_lora_file(&lf, &VarMap::new()).unwrap();
     let t = load("unet_a/inputs_square_b2.safetensors");
-    let out = u.forward(&t["sample"], &t["timestep"], &t["encoder_hidden_states"]).unwrap();
-    let loss = (out - &t["target"]).unwrap().sqr().unwrap().mean_all().unwrap();
+    let out = u
+        .forward(&t["sample"], &t["timestep"], &t["encoder_hidden_states"])
+        .unwrap();
+    let loss = (out - &t["target"])
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap();
     let refs = load("unet_a/lora_grads.safetensors");
     let le = rel_err(&loss.reshape(1).unwrap(), &refs["loss"]);
     assert!(le <= TOL, "loss rel err {le}");
     let grads = loss.backward().unwrap();
     let vars = u.lora_vars().unwrap();
-    assert_eq!(vars.len() + 1, refs.len(), "every PyTorch LoRA gradient has a counterpart");
+    assert_eq!(
+        vars.len() + 1,
+        refs.len(),
+        "every PyTorch LoRA gradient has a counterpart"
+    );
     let mut worst = 0f32;
     for (name, var) in vars {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
-        let r = refs.get(&name).unwrap_or_else(|| panic!("{name}: no reference gradient"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let r = refs
+            .get(&name)
+            .unwrap_or_else(|| panic!("{name}: no reference gradient"));
         let e = rel_err(g, r);
         worst = worst.max(e);
         assert!(e <= 1e-3, "{name}: gradient rel err {e}");
@@ -120,7 +167,11 @@ fn lora_gradients_match_pytorch() {
 fn cli_unet_forward_matches_diffusers() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.safetensors");
-    for (lora, scale, kind) in [(None, "1", "base"), (Some("lora_kohya"), "0.5", "lora_half"), (Some("lora_peft"), "1", "lora")] {
+    for (lora, scale, kind) in [
+        (None, "1", "base"),
+        (Some("lora_kohya"), "0.5", "lora_half"),
+        (Some("lora_peft"), "1", "lora"),
+    ] {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sd-lora"));
         cmd.args(["unet-forward", "--model"])
             .arg(golden("unet_a"))
@@ -130,7 +181,8 @@ fn cli_unet_forward_matches_diffusers() {
             .arg(&out)
             .args(["--lora-scale", scale]);
         if let Some(l) = lora {
-            cmd.arg("--lora").arg(golden(&format!("unet_a/{l}.safetensors")));
+            cmd.arg("--lora")
+                .arg(golden(&format!("unet_a/{l}.safetensors")));
         }
         let o = cmd.output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -57,7 +57,11 @@ impl Elem for half::bf16 {
     }
 }
 
-pub(crate) fn contiguous<'a, T: Elem>(v: &'a [T], l: &Layout, op: &'static str) -> CResult<&'a [T]> {
+pub(crate) fn contiguous<'a, T: Elem>(
+    v: &'a [T],
+    l: &Layout,
+    op: &'static str,
+) -> CResult<&'a [T]> {
     let (a, b) = l
         .contiguous_offsets()
         .ok_or(candle_core::Error::RequiresContiguous { op })?;
@@ -88,4 +92,3 @@ pub(crate) fn dispatch1(
         other => return Err(candle_core::Error::UnsupportedDTypeForOp(other.dtype(), op)),
     })
 }
-

@@ -34,7 +34,9 @@ fn cpu_tensor(s: &CpuStorage, l: &Layout) -> CResult<Tensor> {
 fn into_storage(t: &Tensor) -> CResult<(CpuStorage, Shape)> {
     let t = t.contiguous()?;
     let (st, l) = t.storage_and_layout();
-    let Storage::Cpu(cs) = &*st else { candle_core::bail!("frozen op: expected a CPU tensor") };
+    let Storage::Cpu(cs) = &*st else {
+        candle_core::bail!("frozen op: expected a CPU tensor")
+    };
     let (a, b) = l
         .contiguous_offsets()
         .ok_or(candle_core::Error::RequiresContiguous { op: "frozen" })?;
@@ -87,7 +89,14 @@ impl CustomOp1 for FrozenConv {
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
         let (_, _, ih, iw) = x.dims4()?;
-        Ok(Some(conv2d_input_grad(g, &self.w, ih, iw, self.padding, self.stride)?))
+        Ok(Some(conv2d_input_grad(
+            g,
+            &self.w,
+            ih,
+            iw,
+            self.padding,
+            self.stride,
+        )?))
     }
 }
 
@@ -105,15 +114,34 @@ fn dilate(g: &Tensor, s: usize) -> CResult<Tensor> {
     }
     let (b, c, h, w) = g.dims4()?;
     let g = g.reshape((b, c, h, 1, w, 1))?;
-    let g = Tensor::cat(&[&g, &Tensor::zeros((b, c, h, s - 1, w, 1), g.dtype(), g.device())?], 3)?;
-    let g = Tensor::cat(&[&g, &Tensor::zeros((b, c, h, s, w, s - 1), g.dtype(), g.device())?], 5)?;
+    let g = Tensor::cat(
+        &[
+            &g,
+            &Tensor::zeros((b, c, h, s - 1, w, 1), g.dtype(), g.device())?,
+        ],
+        3,
+    )?;
+    let g = Tensor::cat(
+        &[
+            &g,
+            &Tensor::zeros((b, c, h, s, w, s - 1), g.dtype(), g.device())?,
+        ],
+        5,
+    )?;
     g.reshape((b, c, h * s, w * s))?
         .narrow(2, 0, (h - 1) * s + 1)?
         .narrow(3, 0, (w - 1) * s + 1)
 }
 
 /// `dL/dx` of `y = conv2d(x, w, padding, stride)` as a plain convolution of the output gradient.
-pub fn conv2d_input_grad(g: &Tensor, w: &Tensor, ih: usize, iw: usize, padding: usize, stride: usize) -> CResult<Tensor> {
+pub fn conv2d_input_grad(
+    g: &Tensor,
+    w: &Tensor,
+    ih: usize,
+    iw: usize,
+    padding: usize,
+    stride: usize,
+) -> CResult<Tensor> {
     let (_, _, kh, kw) = w.dims4()?;
     if padding + 1 > kh.min(kw) {
         // negative implicit padding; never the case for SD's convolutions
@@ -129,7 +157,9 @@ pub fn conv2d_input_grad(g: &Tensor, w: &Tensor, ih: usize, iw: usize, padding: 
     if extra_h == 0 && extra_w == 0 && ph == pw {
         return gd.conv2d(&wt, ph, 1, 1, 1);
     }
-    let gp = gd.pad_with_zeros(2, ph, ph + extra_h)?.pad_with_zeros(3, pw, pw + extra_w)?;
+    let gp = gd
+        .pad_with_zeros(2, ph, ph + extra_h)?
+        .pad_with_zeros(3, pw, pw + extra_w)?;
     gp.conv2d(&wt, 0, 1, 1, 1)
 }
 
@@ -138,5 +168,9 @@ pub fn frozen_conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> C
     if !x.track_op() || w.track_op() || !x.device().is_cpu() || x.dtype() == DType::BF16 {
         return x.conv2d(w, padding, stride, 1, 1);
     }
-    x.contiguous()?.apply_op1(FrozenConv { w: w.clone(), padding, stride })
+    x.contiguous()?.apply_op1(FrozenConv {
+        w: w.clone(),
+        padding,
+        stride,
+    })
 }

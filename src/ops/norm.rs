@@ -7,7 +7,6 @@ use rayon::prelude::*;
 use super::cpu::{contiguous, last_dim, CResult, Elem};
 use candle_core::backend::BackendStorage;
 
-
 fn cast<C: num_traits::Float>(v: f64) -> C {
     C::from(v).unwrap_or_else(C::nan)
 }
@@ -233,7 +232,11 @@ pub fn layer_norm_composed(
     eps: f64,
 ) -> CResult<Tensor> {
     let dtype = x.dtype();
-    let x = if dtype == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
+    let x = if dtype == DType::F64 {
+        x.clone()
+    } else {
+        x.to_dtype(DType::F32)?
+    };
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -252,8 +255,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> CResult<Tenso
     if x.device().is_cpu() {
         let w = w.to_dtype(x.dtype())?.contiguous()?;
         let b = b.to_dtype(x.dtype())?.contiguous()?;
-        x.contiguous()?
-            .apply_op3(&w, &b, LayerNormOp { eps })
+        x.contiguous()?.apply_op3(&w, &b, LayerNormOp { eps })
     } else {
         layer_norm_composed(x, Some(w), Some(b), eps)
     }
@@ -263,7 +265,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> CResult<Tenso
 /// or f64 for f64 input).
 pub fn group_norm(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64) -> CResult<Tensor> {
     let dims = x.dims().to_vec();
-    if dims.len() < 2 || dims[1] % groups != 0 {
+    if dims.len() < 2 || !dims[1].is_multiple_of(groups) {
         candle_core::bail!(
             "group_norm: {} channels not divisible into {groups} groups",
             dims.get(1).copied().unwrap_or(0)
@@ -271,7 +273,11 @@ pub fn group_norm(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64) -
     }
     let (bsz, c) = (dims[0], dims[1]);
     let dtype = x.dtype();
-    let cdt = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let cdt = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let xg = x.to_dtype(cdt)?.reshape((bsz, groups, ()))?;
     let y = if x.device().is_cpu() {
         // The fused row kernel normalises each group; the identity affine is applied here and

@@ -7,7 +7,6 @@ use rayon::prelude::*;
 use super::cpu::{contiguous, dispatch1, last_dim, CResult, Elem};
 use candle_core::backend::BackendStorage;
 
-
 fn softmax_rows<T: Elem>(x: &[T], dim: usize) -> Vec<T> {
     let zero = <T::C as num_traits::Zero>::zero();
     let mut out = vec![T::from_c(zero); x.len()];
@@ -121,4 +120,3 @@ pub fn softmax_last_dim(x: &Tensor) -> CResult<Tensor> {
         e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
     }
 }
-

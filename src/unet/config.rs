@@ -311,7 +311,7 @@ impl UNetConfig {
             ("dual_cross_attention", self.dual_cross_attention),
             (
                 "conv_in_kernel / conv_out_kernel (only odd sizes)",
-                self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0,
+                self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2),
             ),
         ];
         for (field, bad) in unsupported {

@@ -97,7 +97,7 @@ impl LayerNorm {
 /// keeps a backward pass.
 pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let (_, _, ih, iw) = x.dims4()?;
-    if h % ih == 0 && w % iw == 0 && h / ih == w / iw {
+    if h.is_multiple_of(ih) && w.is_multiple_of(iw) && h / ih == w / iw {
         return Ok(x.upsample_nearest2d(h, w)?);
     }
     let idx = |inp: usize, out: usize| -> Result<Tensor> {

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The project's whole test suite, as CI runs it (.ci/run calls exactly this).
+# Build outputs live outside the checkout so fresh clones reuse them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sd-lora/target}"
+cargo fmt --check
+cargo clippy --locked --release --all-targets -- -D warnings
+cargo test --locked --release
