@@ -76,7 +76,8 @@ fn is_text_encoder(key: &str) -> bool {
 impl LoraFile {
     /// Reads a LoRA safetensors file. `known_modules` (the model's LoRA-capable module paths)
     /// resolves kohya's underscore names; pass the model's `linear_names()`.
-    pub fn read(path: &Path, known_modules: &[String]) -> Result<Self> {
+    pub fn read(path: impl AsRef<Path>, known_modules: &[String]) -> Result<Self> {
+        let path = path.as_ref();
         let bytes = std::fs::read(path)
             .with_context(|| format!("cannot read LoRA file {}", path.display()))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
@@ -310,7 +311,8 @@ pub fn write_safetensors_atomic(
 
 /// Saves the adapters of `layers` in `format` (`Peft` writes diffusers' `save_lora_weights`
 /// layout with `lora_adapter_metadata`; `Kohya` writes `lora_unet_*` with `.alpha`).
-pub fn save_lora(layers: &[LoraLinear], format: LoraFormat, path: &Path) -> Result<()> {
+pub fn save_lora(layers: &[LoraLinear], format: LoraFormat, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
     let mut tensors = BTreeMap::new();
     let mut ranks: BTreeMap<usize, usize> = BTreeMap::new();
     let mut alphas: Vec<(String, usize, f64)> = Vec::new();

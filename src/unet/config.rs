@@ -72,6 +72,9 @@ fn d_default() -> String {
 fn d_positional() -> String {
     "positional".into()
 }
+fn d_attention_type() -> String {
+    "default".into()
+}
 fn d_kernel() -> usize {
     3
 }
@@ -150,6 +153,17 @@ pub struct UNetConfig {
     pub time_embedding_dim: Option<usize>,
     #[serde(default)]
     pub dual_cross_attention: bool,
+    /// Only `"default"` (GLIGEN's gated attention is not implemented).
+    #[serde(default = "d_attention_type")]
+    pub attention_type: String,
+    #[serde(default)]
+    pub time_embedding_act_fn: Option<String>,
+    #[serde(default)]
+    pub encoder_hid_dim_type: Option<String>,
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
+    #[serde(default)]
+    pub mid_block_only_cross_attention: Option<bool>,
     #[serde(default = "d_kernel")]
     pub conv_in_kernel: usize,
     #[serde(default = "d_kernel")]
@@ -203,6 +217,11 @@ impl UNetConfig {
             timestep_post_act: None,
             time_embedding_dim: None,
             dual_cross_attention: false,
+            attention_type: d_attention_type(),
+            time_embedding_act_fn: None,
+            encoder_hid_dim_type: None,
+            reverse_transformer_layers_per_block: None,
+            mid_block_only_cross_attention: None,
             conv_in_kernel: 3,
             conv_out_kernel: 3,
         }
@@ -290,8 +309,11 @@ impl UNetConfig {
         {
             bail!("`only_cross_attention` = true is not supported");
         }
-        let unsupported: [(&str, bool); 10] = [
-            ("act_fn (only \"silu\")", self.act_fn != "silu"),
+        let unsupported: [(&str, bool); 15] = [
+            (
+                "act_fn (only \"silu\"/\"swish\")",
+                self.act_fn != "silu" && self.act_fn != "swish",
+            ),
             (
                 "resnet_time_scale_shift (only \"default\")",
                 self.resnet_time_scale_shift != "default",
@@ -301,17 +323,42 @@ impl UNetConfig {
                 self.time_embedding_type != "positional",
             ),
             (
-                "class_embed_type",
+                "class_embed_type / num_class_embeds",
                 self.class_embed_type.is_some() || self.num_class_embeds.is_some(),
             ),
             ("addition_embed_type", self.addition_embed_type.is_some()),
-            ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
+            (
+                "encoder_hid_dim / encoder_hid_dim_type",
+                self.encoder_hid_dim.is_some() || self.encoder_hid_dim_type.is_some(),
+            ),
             ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
             ("timestep_post_act", self.timestep_post_act.is_some()),
+            (
+                "time_embedding_act_fn",
+                self.time_embedding_act_fn.is_some(),
+            ),
             ("dual_cross_attention", self.dual_cross_attention),
+            (
+                "attention_type (only \"default\")",
+                self.attention_type != "default",
+            ),
+            (
+                "reverse_transformer_layers_per_block",
+                self.reverse_transformer_layers_per_block
+                    .as_ref()
+                    .is_some_and(|v| !v.is_null()),
+            ),
+            (
+                "mid_block_only_cross_attention",
+                self.mid_block_only_cross_attention == Some(true),
+            ),
             (
                 "conv_in_kernel / conv_out_kernel (only odd sizes)",
                 self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2),
+            ),
+            (
+                "transformer_layers_per_block (at least 1)",
+                self.transformer_layers()?.contains(&0),
             ),
         ];
         for (field, bad) in unsupported {

@@ -157,8 +157,13 @@ impl UNet2DConditionModel {
 
     /// Loads `config.json` and `diffusion_pytorch_model[.variant].safetensors` from a diffusers
     /// folder (pipeline root or its `unet/`), converting weights to `dtype`.
-    pub fn load(dir: &Path, variant: Option<&str>, dtype: DType, device: &Device) -> Result<Self> {
-        let dir = unet_dir(dir)?;
+    pub fn load(
+        dir: impl AsRef<Path>,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let dir = unet_dir(dir.as_ref())?;
         let config = UNetConfig::from_file(&dir.join("config.json"))?;
         let files = find_weight_files(&dir, "diffusion_pytorch_model", variant)?;
         let ws = WeightSource::from_safetensors(&files, dtype, device)?;
