@@ -212,7 +212,7 @@ fn frozen_conv_input_gradient_matches_candle() {
         let kern = randn(&[co, ci, k, k], 22);
         let (g1, g2, fwd) = input_grads(
             &|x| x.conv2d(&kern, p, s, 1, 1).unwrap(),
-            &|x| ops::frozen_conv2d(x, &kern, p, s).unwrap(),
+            &|x| ops::frozen_conv2d(x, &kern, None, p, s).unwrap(),
             &x0,
         );
         assert!(fwd < 1e-10, "forward differs");
@@ -225,8 +225,9 @@ fn frozen_conv_input_gradient_matches_candle() {
     // different leftover rows and columns under stride 2 (candle's own backward gets this
     // shape wrong: it derives the output padding from the height only)
     let kern = randn(&[3, 2, 3, 3], 23);
+    let bias = randn(&[3], 25);
     check_grad(
-        &|x| ops::frozen_conv2d(x, &kern, 0, 2).unwrap(),
+        &|x| ops::frozen_conv2d(x, &kern, Some(&bias), 0, 2).unwrap(),
         &randn(&[1, 2, 7, 6], 24),
         1e-6,
     );
@@ -236,20 +237,62 @@ fn frozen_conv_input_gradient_matches_candle() {
 fn frozen_linear_matches_candle_and_keeps_weight_grads_when_trainable() {
     let x0 = randn(&[7, 5], 31);
     let w = randn(&[3, 5], 32);
+    let b = randn(&[3], 33);
     let (g1, g2, fwd) = input_grads(
-        &|x| x.matmul(&w.t().unwrap()).unwrap(),
-        &|x| ops::frozen_linear(x, &w).unwrap(),
+        &|x| {
+            x.matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap()
+        },
+        &|x| ops::frozen_linear(x, &w, Some(&b)).unwrap(),
         &x0,
     );
     assert!(fwd < 1e-12 && max_abs(&(g1 - g2).unwrap()) < 1e-12);
     // a trainable weight still gets its gradient (full fine-tuning)
     let wv = Var::from_tensor(&w).unwrap();
     let x = Var::from_tensor(&x0).unwrap();
-    let g = ops::frozen_linear(x.as_tensor(), wv.as_tensor())
+    let g = ops::frozen_linear(x.as_tensor(), wv.as_tensor(), None)
         .unwrap()
         .sum_all()
         .unwrap()
         .backward()
         .unwrap();
     assert!(g.get(wv.as_tensor()).is_some() && g.get(x.as_tensor()).is_some());
+}
+
+#[test]
+fn group_norm_trainable_affine_gets_gradients() {
+    let x = Var::from_tensor(&randn(&[2, 6, 4, 3], 41)).unwrap();
+    let w = Var::from_tensor(&randn(&[6], 42)).unwrap();
+    let b = Var::from_tensor(&randn(&[6], 43)).unwrap();
+    let frozen = ops::group_norm(
+        x.as_tensor(),
+        3,
+        &w.as_tensor().detach(),
+        &b.as_tensor().detach(),
+        1e-5,
+    )
+    .unwrap();
+    let trained = ops::group_norm(x.as_tensor(), 3, w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+    assert!(
+        max_abs(&(&frozen - &trained).unwrap()) < 1e-10,
+        "both paths compute the same"
+    );
+    let gw = randn(frozen.dims(), 44);
+    let g1 = (frozen * &gw)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g2 = (trained * &gw)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let d = max_abs(&(g1.get(x.as_tensor()).unwrap() - g2.get(x.as_tensor()).unwrap()).unwrap());
+    assert!(d < 1e-10, "input gradients agree ({d})");
+    assert!(g2.get(w.as_tensor()).is_some() && g2.get(b.as_tensor()).is_some());
 }

@@ -248,11 +248,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let in_dim = *dims.last().context("linear: input has no dimensions")?;
     let rows = x.elem_count() / in_dim.max(1);
     let out_dim = w.dims()[0];
-    let y = crate::ops::frozen_linear(&x.reshape((rows, in_dim))?, w)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
+    let y = crate::ops::frozen_linear(&x.reshape((rows, in_dim))?, w, b)?;
     let mut out_shape = dims.to_vec();
     *out_shape.last_mut().expect("non-empty dims") = out_dim;
     Ok(y.reshape(out_shape)?)

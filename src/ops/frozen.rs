@@ -11,7 +11,7 @@
 //! The plain candle op is used when no gradient is needed (input not tracked), when the weight
 //! itself is trainable (full fine-tuning), and on non-CPU devices.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Storage, Tensor};
 
 use super::cpu::CResult;
 
@@ -52,6 +52,18 @@ fn into_storage(t: &Tensor) -> CResult<(CpuStorage, Shape)> {
 
 struct FrozenLinear {
     w: Tensor,
+    b: Option<Tensor>,
+}
+
+fn add_bias(y: Tensor, b: Option<&Tensor>, channel_dim: usize) -> CResult<Tensor> {
+    match b {
+        None => Ok(y),
+        Some(b) => {
+            let mut shape = vec![1usize; y.rank()];
+            shape[channel_dim] = b.elem_count();
+            y.broadcast_add(&b.reshape(shape)?)
+        }
+    }
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -59,23 +71,33 @@ impl CustomOp1 for FrozenLinear {
         "sd-lora-frozen-linear"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        into_storage(&cpu_tensor(s, l)?.matmul(&self.w.t()?)?)
+        into_storage(&add_bias(
+            cpu_tensor(s, l)?.matmul(&self.w.t()?)?,
+            self.b.as_ref(),
+            1,
+        )?)
     }
     fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
         Ok(Some(g.matmul(&self.w)?))
     }
 }
 
-/// `x [M, K] @ w^T` for `w [N, K]`; the backward skips `dL/dw` when `w` is frozen.
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
-    if !x.track_op() || w.track_op() || !x.device().is_cpu() {
-        return x.matmul(&w.t()?);
+/// `x [M, K] @ w^T + b` for `w [N, K]`, `b [N]`; the backward skips `dL/dw` and `dL/db` when
+/// they are frozen.
+pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
+    let b_tracked = b.is_some_and(|b| b.track_op());
+    if !x.track_op() || w.track_op() || b_tracked || !x.device().is_cpu() {
+        return add_bias(x.matmul(&w.t()?)?, b, 1);
     }
-    x.contiguous()?.apply_op1(FrozenLinear { w: w.clone() })
+    x.contiguous()?.apply_op1(FrozenLinear {
+        w: w.clone(),
+        b: b.cloned(),
+    })
 }
 
 struct FrozenConv {
     w: Tensor,
+    b: Option<Tensor>,
     padding: usize,
     stride: usize,
 }
@@ -85,7 +107,8 @@ impl CustomOp1 for FrozenConv {
         "sd-lora-frozen-conv2d"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        into_storage(&cpu_tensor(s, l)?.conv2d(&self.w, self.padding, self.stride, 1, 1)?)
+        let y = cpu_tensor(s, l)?.conv2d(&self.w, self.padding, self.stride, 1, 1)?;
+        into_storage(&add_bias(y, self.b.as_ref(), 1)?)
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
         let (_, _, ih, iw) = x.dims4()?;
@@ -163,13 +186,21 @@ pub fn conv2d_input_grad(
     gp.conv2d(&wt, 0, 1, 1, 1)
 }
 
-/// `conv2d(x, w)` (no bias); the backward skips `dL/dw` when `w` is frozen.
-pub fn frozen_conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> CResult<Tensor> {
-    if !x.track_op() || w.track_op() || !x.device().is_cpu() || x.dtype() == DType::BF16 {
-        return x.conv2d(w, padding, stride, 1, 1);
+/// `conv2d(x, w) + b`; the backward skips `dL/dw` and `dL/db` when they are frozen.
+pub fn frozen_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> CResult<Tensor> {
+    let b_tracked = b.is_some_and(|b| b.track_op());
+    if !x.track_op() || w.track_op() || b_tracked || !x.device().is_cpu() {
+        return add_bias(x.conv2d(w, padding, stride, 1, 1)?, b, 1);
     }
     x.contiguous()?.apply_op1(FrozenConv {
         w: w.clone(),
+        b: b.cloned(),
         padding,
         stride,
     })

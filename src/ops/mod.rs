@@ -8,9 +8,11 @@
 
 mod cpu;
 mod frozen;
+mod group_norm;
 mod norm;
 mod softmax;
 
 pub use frozen::{conv2d_input_grad, frozen_conv2d, frozen_linear};
-pub use norm::{group_norm, layer_norm, layer_norm_composed};
+pub use group_norm::group_norm;
+pub use norm::{layer_norm, layer_norm_composed};
 pub use softmax::softmax_last_dim;

@@ -1,4 +1,4 @@
-//! Layer norm and group norm with fused CPU forward and backward.
+//! Layer norm with fused CPU forward and backward.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 use num_traits::Float;
@@ -7,11 +7,11 @@ use rayon::prelude::*;
 use super::cpu::{contiguous, last_dim, CResult, Elem};
 use candle_core::backend::BackendStorage;
 
-fn cast<C: num_traits::Float>(v: f64) -> C {
+pub(crate) fn cast<C: num_traits::Float>(v: f64) -> C {
     C::from(v).unwrap_or_else(C::nan)
 }
 
-fn row_stats<T: Elem>(r: &[T], eps: T::C) -> (T::C, T::C) {
+pub(crate) fn row_stats<T: Elem>(r: &[T], eps: T::C) -> (T::C, T::C) {
     let n: T::C = cast(r.len() as f64);
     let mean = r.iter().map(|v| v.to_c()).sum::<T::C>() / n;
     let var = r
@@ -164,8 +164,8 @@ impl CustomOp3 for LayerNormOp {
     }
 }
 
-struct LayerNormBwd {
-    eps: f64,
+pub(crate) struct LayerNormBwd {
+    pub(crate) eps: f64,
 }
 
 impl CustomOp3 for LayerNormBwd {
@@ -259,39 +259,4 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> CResult<Tenso
     } else {
         layer_norm_composed(x, Some(w), Some(b), eps)
     }
-}
-
-/// Group norm over `[B, C, ...]` with `groups` groups and per-channel affine (computed in f32,
-/// or f64 for f64 input).
-pub fn group_norm(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64) -> CResult<Tensor> {
-    let dims = x.dims().to_vec();
-    if dims.len() < 2 || !dims[1].is_multiple_of(groups) {
-        candle_core::bail!(
-            "group_norm: {} channels not divisible into {groups} groups",
-            dims.get(1).copied().unwrap_or(0)
-        )
-    }
-    let (bsz, c) = (dims[0], dims[1]);
-    let dtype = x.dtype();
-    let cdt = if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    let xg = x.to_dtype(cdt)?.reshape((bsz, groups, ()))?;
-    let y = if x.device().is_cpu() {
-        // The fused row kernel normalises each group; the identity affine is applied here and
-        // the per-channel affine below.
-        let row = xg.dim(2)?;
-        let ones = Tensor::ones(row, cdt, x.device())?;
-        let zeros = Tensor::zeros(row, cdt, x.device())?;
-        layer_norm(&xg, &ones, &zeros, eps)?
-    } else {
-        layer_norm_composed(&xg, None, None, eps)?
-    };
-    let mut bshape = vec![1usize; dims.len()];
-    bshape[1] = c;
-    let y = y.reshape(dims)?.to_dtype(dtype)?;
-    y.broadcast_mul(&w.reshape(bshape.clone())?)?
-        .broadcast_add(&b.reshape(bshape)?)
 }

@@ -34,8 +34,13 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = ops::frozen_conv2d(x, &self.weight, self.padding, self.stride)?;
-        Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
+        Ok(ops::frozen_conv2d(
+            x,
+            &self.weight,
+            Some(&self.bias),
+            self.padding,
+            self.stride,
+        )?)
     }
 }
 
