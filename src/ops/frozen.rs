@@ -5,14 +5,14 @@
 //! weight nobody trains, and computes a convolution's input gradient with `conv_transpose2d`,
 //! which on the CPU is a direct loop far slower than the im2col `conv2d`. In LoRA training every
 //! base weight is frozen, so these ops record a custom backward that computes only `dL/dx`, the
-//! convolution one as an ordinary `conv2d` with the flipped, transposed kernel over the
-//! (zero-dilated for stride > 1) output gradient.
+//! convolution one as a GEMM plus col2im (see [`conv2d_input_grad`]).
 //!
 //! The plain candle op is used when no gradient is needed (input not tracked), when the weight
 //! itself is trainable (full fine-tuning), and on non-CPU devices.
 
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Storage, Tensor};
 
+use super::col2im::conv2d_input_grad;
 use super::cpu::CResult;
 
 /// Copies a contiguous CPU storage region into a tensor (a memcpy; the compute dominates).
@@ -121,69 +121,6 @@ impl CustomOp1 for FrozenConv {
             self.stride,
         )?))
     }
-}
-
-/// Reverses dimension `dim`.
-fn flip(t: &Tensor, dim: usize) -> CResult<Tensor> {
-    let n = t.dim(dim)?;
-    let idx = Tensor::from_vec((0..n as u32).rev().collect::<Vec<_>>(), n, t.device())?;
-    t.index_select(&idx, dim)
-}
-
-/// Inserts `s - 1` zeros between neighbouring elements along dims 2 and 3.
-fn dilate(g: &Tensor, s: usize) -> CResult<Tensor> {
-    if s == 1 {
-        return Ok(g.clone());
-    }
-    let (b, c, h, w) = g.dims4()?;
-    let g = g.reshape((b, c, h, 1, w, 1))?;
-    let g = Tensor::cat(
-        &[
-            &g,
-            &Tensor::zeros((b, c, h, s - 1, w, 1), g.dtype(), g.device())?,
-        ],
-        3,
-    )?;
-    let g = Tensor::cat(
-        &[
-            &g,
-            &Tensor::zeros((b, c, h, s, w, s - 1), g.dtype(), g.device())?,
-        ],
-        5,
-    )?;
-    g.reshape((b, c, h * s, w * s))?
-        .narrow(2, 0, (h - 1) * s + 1)?
-        .narrow(3, 0, (w - 1) * s + 1)
-}
-
-/// `dL/dx` of `y = conv2d(x, w, padding, stride)` as a plain convolution of the output gradient.
-pub fn conv2d_input_grad(
-    g: &Tensor,
-    w: &Tensor,
-    ih: usize,
-    iw: usize,
-    padding: usize,
-    stride: usize,
-) -> CResult<Tensor> {
-    let (_, _, kh, kw) = w.dims4()?;
-    if padding + 1 > kh.min(kw) {
-        // negative implicit padding; never the case for SD's convolutions
-        let (_, _, oh, _) = g.dims4()?;
-        let out_padding = ih + 2 * padding - kh - (oh - 1) * stride;
-        return g.conv_transpose2d(w, padding, out_padding, stride, 1);
-    }
-    let wt = flip(&flip(w, 2)?, 3)?.transpose(0, 1)?.contiguous()?;
-    let gd = dilate(g, stride)?;
-    let (ph, pw) = (kh - 1 - padding, kw - 1 - padding);
-    let extra_h = (ih + 2 * padding - kh) % stride;
-    let extra_w = (iw + 2 * padding - kw) % stride;
-    if extra_h == 0 && extra_w == 0 && ph == pw {
-        return gd.conv2d(&wt, ph, 1, 1, 1);
-    }
-    let gp = gd
-        .pad_with_zeros(2, ph, ph + extra_h)?
-        .pad_with_zeros(3, pw, pw + extra_w)?;
-    gp.conv2d(&wt, 0, 1, 1, 1)
 }
 
 /// `conv2d(x, w) + b`; the backward skips `dL/dw` and `dL/db` when they are frozen.

@@ -6,13 +6,15 @@
 //! candle primitives, which candle differentiates itself. Half-precision inputs are computed in
 //! f32, f64 in f64.
 
+mod col2im;
 mod cpu;
 mod frozen;
 mod group_norm;
 mod norm;
 mod softmax;
 
-pub use frozen::{conv2d_input_grad, frozen_conv2d, frozen_linear};
+pub use col2im::conv2d_input_grad;
+pub use frozen::{frozen_conv2d, frozen_linear};
 pub use group_norm::group_norm;
 pub use norm::{layer_norm, layer_norm_composed};
 pub use softmax::softmax_last_dim;
