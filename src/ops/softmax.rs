@@ -7,25 +7,58 @@ use rayon::prelude::*;
 use super::cpu::{contiguous, dispatch1, last_dim, CResult, Elem};
 use candle_core::backend::BackendStorage;
 
+const LANES: usize = 8;
+
+/// Max over a row with 8 independent accumulators, so the loop vectorises.
+fn lane_max<T: Elem>(r: &[T]) -> T::C {
+    let mut acc = [T::C::neg_infinity(); LANES];
+    let mut chunks = r.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            let v = v.to_c();
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(T::C::neg_infinity(), |m, v| m.max(v.to_c()));
+    acc.iter().fold(tail, |m, &a| m.max(a))
+}
+
+/// Sum with 8 independent accumulators (vectorises; a different rounding order than a plain
+/// left-to-right sum, equally accurate).
+pub(crate) fn lane_sum<C: Float>(r: &[C]) -> C {
+    let zero = C::zero();
+    let mut acc = [zero; LANES];
+    let mut chunks = r.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = *a + v;
+        }
+    }
+    let tail = chunks.remainder().iter().fold(zero, |s, &v| s + v);
+    acc.iter().fold(tail, |s, &a| s + a)
+}
+
 fn softmax_rows<T: Elem>(x: &[T], dim: usize) -> Vec<T> {
     let zero = <T::C as num_traits::Zero>::zero();
     let mut out = vec![T::from_c(zero); x.len()];
     out.par_chunks_mut(dim)
         .zip(x.par_chunks(dim))
-        .for_each(|(o, r)| {
-            let max = r.iter().fold(T::C::neg_infinity(), |m, v| m.max(v.to_c()));
-            let mut sum = zero;
-            let mut tmp = Vec::with_capacity(dim);
-            for v in r {
-                let e = (v.to_c() - max).exp();
-                sum = sum + e;
-                tmp.push(e);
-            }
-            let inv = sum.recip();
-            for (o, e) in o.iter_mut().zip(tmp) {
-                *o = T::from_c(e * inv);
-            }
-        });
+        .for_each_init(
+            || vec![zero; dim],
+            |tmp, (o, r)| {
+                let max = lane_max::<T>(r);
+                for (t, v) in tmp.iter_mut().zip(r) {
+                    *t = T::exp_c(v.to_c() - max);
+                }
+                let inv = lane_sum::<T::C>(tmp).recip();
+                for (o, &e) in o.iter_mut().zip(tmp.iter()) {
+                    *o = T::from_c(e * inv);
+                }
+            },
+        );
     out
 }
 
