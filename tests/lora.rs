@@ -262,7 +262,7 @@ fn initialisations_have_the_documented_statistics() {
 fn saved_lora_files_round_trip_in_both_formats() {
     let dir = tempfile::tempdir().unwrap();
     let load_a =
-        || UNet2DConditionModel::load(&golden("unet_a"), None, DType::F32, &Device::Cpu).unwrap();
+        || UNet2DConditionModel::load(golden("unet_a"), None, DType::F32, &Device::Cpu).unwrap();
     let mut u = load_a();
     // mixed ranks and alphas, conv (1x1) and linear layers
     u.inject_lora(
@@ -321,7 +321,7 @@ fn saved_lora_files_round_trip_in_both_formats() {
 #[test]
 fn lora_for_another_architecture_is_rejected_with_file_and_tensor() {
     let mut u =
-        UNet2DConditionModel::load(&golden("unet_a"), None, DType::F32, &Device::Cpu).unwrap();
+        UNet2DConditionModel::load(golden("unet_a"), None, DType::F32, &Device::Cpu).unwrap();
     let path = golden("unet_b/lora_peft.safetensors");
     let lf = LoraFile::read(&path, &u.linear_names().unwrap()).unwrap();
     let err = u

@@ -30,7 +30,7 @@ const CASES: &[Case] = &[
 ];
 
 fn unet(case: &Case) -> UNet2DConditionModel {
-    UNet2DConditionModel::load(&golden(case.model), case.variant, DType::F32, &Device::Cpu).unwrap()
+    UNet2DConditionModel::load(golden(case.model), case.variant, DType::F32, &Device::Cpu).unwrap()
 }
 
 fn run(unet: &UNet2DConditionModel, case: &Case, input: &str) -> Tensor {
@@ -87,7 +87,7 @@ fn merged_lora_matches_and_unmerge_restores_exactly() {
     let case = &CASES[0];
     let mut u = unet(case);
     let lf = LoraFile::read(
-        &golden("unet_a/lora_peft.safetensors"),
+        golden("unet_a/lora_peft.safetensors"),
         &u.linear_names().unwrap(),
     )
     .unwrap();
@@ -123,7 +123,7 @@ fn lora_gradients_match_pytorch() {
     let case = &CASES[0];
     let mut u = unet(case);
     let lf = LoraFile::read(
-        &golden("unet_a/lora_peft.safetensors"),
+        golden("unet_a/lora_peft.safetensors"),
         &u.linear_names().unwrap(),
     )
     .unwrap();
