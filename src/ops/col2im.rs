@@ -5,8 +5,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{contiguous, CResult, Elem};
-use candle_core::backend::BackendStorage;
+use super::cpu::{run_kernel, CResult, Elem, Kernel};
 
 #[derive(Clone, Copy)]
 struct Geometry {
@@ -69,20 +68,19 @@ fn col2im<T: Elem>(cols: &[T], g: Geometry) -> Vec<T> {
     acc.into_iter().map(T::from_c).collect()
 }
 
+impl Kernel for Col2Im {
+    fn run<T: Elem>(&self, x: &[&[T]]) -> Vec<T> {
+        col2im(x[0], self.0)
+    }
+}
+
 impl CustomOp1 for Col2Im {
     fn name(&self) -> &'static str {
         "sd-lora-col2im"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let g = self.0;
-        let op = "col2im";
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(col2im(contiguous(v, l, op)?, g)),
-            CpuStorage::F64(v) => CpuStorage::F64(col2im(contiguous(v, l, op)?, g)),
-            CpuStorage::F16(v) => CpuStorage::F16(col2im(contiguous(v, l, op)?, g)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(col2im(contiguous(v, l, op)?, g)),
-            other => return Err(candle_core::Error::UnsupportedDTypeForOp(other.dtype(), op)),
-        };
+        let out = run_kernel(self, "col2im", &[(s, l)])?;
         Ok((out, Shape::from((g.b, g.cin, g.ih, g.iw))))
     }
 }

@@ -13,6 +13,8 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn from_c(v: Self::C) -> Self;
     /// `exp` in the compute type (a vectorisable polynomial for f32, libm for f64).
     fn exp_c(v: Self::C) -> Self::C;
+    /// The storage's data when it holds this type.
+    fn slice(s: &CpuStorage) -> Option<&[Self]>;
 }
 
 /// `e^x` for f32 to ~2e-7 relative error: `x = n·ln2 + r`, a degree-6 polynomial for `e^r`,
@@ -34,6 +36,12 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
 }
 impl Elem for f32 {
     type C = f32;
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
     #[inline(always)]
     fn exp_c(v: f32) -> f32 {
         fast_exp(v)
@@ -49,6 +57,12 @@ impl Elem for f32 {
 }
 impl Elem for f64 {
     type C = f64;
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
     #[inline(always)]
     fn exp_c(v: f64) -> f64 {
         v.exp()
@@ -64,6 +78,12 @@ impl Elem for f64 {
 }
 impl Elem for half::f16 {
     type C = f32;
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F16(v) => Some(v),
+            _ => None,
+        }
+    }
     #[inline(always)]
     fn exp_c(v: f32) -> f32 {
         fast_exp(v)
@@ -79,6 +99,12 @@ impl Elem for half::f16 {
 }
 impl Elem for half::bf16 {
     type C = f32;
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::BF16(v) => Some(v),
+            _ => None,
+        }
+    }
     #[inline(always)]
     fn exp_c(v: f32) -> f32 {
         fast_exp(v)
@@ -111,20 +137,37 @@ pub(crate) fn last_dim(l: &Layout) -> CResult<usize> {
     }
 }
 
-/// Runs the closure matching the storage's float type; other types are rejected.
-pub(crate) fn dispatch1(
-    s: &CpuStorage,
+/// A fused CPU kernel over one or more same-typed contiguous inputs, generic in the element.
+pub(crate) trait Kernel {
+    fn run<T: Elem>(&self, inputs: &[&[T]]) -> Vec<T>;
+}
+
+fn run_typed<T: Elem, K: Kernel>(
+    k: &K,
     op: &'static str,
-    f32f: impl FnOnce(&[f32]) -> CResult<Vec<f32>>,
-    f64f: impl FnOnce(&[f64]) -> CResult<Vec<f64>>,
-    f16f: impl FnOnce(&[half::f16]) -> CResult<Vec<half::f16>>,
-    bf16f: impl FnOnce(&[half::bf16]) -> CResult<Vec<half::bf16>>,
+    args: &[(&CpuStorage, &Layout)],
+) -> CResult<Vec<T>> {
+    let slices = args
+        .iter()
+        .map(|(s, l)| match T::slice(s) {
+            Some(v) => contiguous(v, l, op),
+            None => Err(candle_core::Error::UnsupportedDTypeForOp(s.dtype(), op)),
+        })
+        .collect::<CResult<Vec<_>>>()?;
+    Ok(k.run(&slices))
+}
+
+/// Runs `k` on the inputs' element type (f32, f64, f16 or bf16; all inputs alike).
+pub(crate) fn run_kernel<K: Kernel>(
+    k: &K,
+    op: &'static str,
+    args: &[(&CpuStorage, &Layout)],
 ) -> CResult<CpuStorage> {
-    Ok(match s {
-        CpuStorage::F32(v) => CpuStorage::F32(f32f(v)?),
-        CpuStorage::F64(v) => CpuStorage::F64(f64f(v)?),
-        CpuStorage::F16(v) => CpuStorage::F16(f16f(v)?),
-        CpuStorage::BF16(v) => CpuStorage::BF16(bf16f(v)?),
+    Ok(match args[0].0 {
+        CpuStorage::F32(_) => CpuStorage::F32(run_typed(k, op, args)?),
+        CpuStorage::F64(_) => CpuStorage::F64(run_typed(k, op, args)?),
+        CpuStorage::F16(_) => CpuStorage::F16(run_typed(k, op, args)?),
+        CpuStorage::BF16(_) => CpuStorage::BF16(run_typed(k, op, args)?),
         other => return Err(candle_core::Error::UnsupportedDTypeForOp(other.dtype(), op)),
     })
 }

@@ -4,9 +4,8 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{contiguous, CResult, Elem};
+use super::cpu::{run_kernel, CResult, Elem, Kernel};
 use super::norm::{cast, layer_norm, layer_norm_composed, row_stats, LayerNormBwd};
-use candle_core::backend::BackendStorage;
 
 struct GroupNormOp {
     /// Frozen affine, kept as a tensor for the backward and as numbers for the kernel.
@@ -52,6 +51,17 @@ fn group_norm_fwd<T: Elem>(
     out
 }
 
+struct GnKernel<'a> {
+    s: usize,
+    op: &'a GroupNormOp,
+}
+impl Kernel for GnKernel<'_> {
+    fn run<T: Elem>(&self, x: &[&[T]]) -> Vec<T> {
+        let o = self.op;
+        group_norm_fwd(x[0], self.s, o.groups, &o.wv, &o.bv, o.eps)
+    }
+}
+
 impl CustomOp1 for GroupNormOp {
     fn name(&self) -> &'static str {
         "sd-lora-group-norm"
@@ -59,23 +69,7 @@ impl CustomOp1 for GroupNormOp {
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let dims = l.dims();
         let s = l.shape().elem_count() / (dims[0] * dims[1]).max(1);
-        let (g, e, w, b) = (self.groups, self.eps, &self.wv, &self.bv);
-        let op = "group-norm";
-        let out = match st {
-            CpuStorage::F32(v) => {
-                CpuStorage::F32(group_norm_fwd(contiguous(v, l, op)?, s, g, w, b, e))
-            }
-            CpuStorage::F64(v) => {
-                CpuStorage::F64(group_norm_fwd(contiguous(v, l, op)?, s, g, w, b, e))
-            }
-            CpuStorage::F16(v) => {
-                CpuStorage::F16(group_norm_fwd(contiguous(v, l, op)?, s, g, w, b, e))
-            }
-            CpuStorage::BF16(v) => {
-                CpuStorage::BF16(group_norm_fwd(contiguous(v, l, op)?, s, g, w, b, e))
-            }
-            other => return Err(candle_core::Error::UnsupportedDTypeForOp(other.dtype(), op)),
-        };
+        let out = run_kernel(&GnKernel { s, op: self }, "group-norm", &[(st, l)])?;
         Ok((out, l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {

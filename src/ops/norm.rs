@@ -4,8 +4,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::cpu::{contiguous, last_dim, CResult, Elem};
-use candle_core::backend::BackendStorage;
+use super::cpu::{last_dim, run_kernel, CResult, Elem, Kernel};
 
 pub(crate) fn cast<C: num_traits::Float>(v: f64) -> C {
     C::from(v).unwrap_or_else(C::nan)
@@ -66,6 +65,20 @@ fn layer_norm_bwd_rows<T: Elem>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
     out
 }
 
+struct LnKernel(f64);
+impl Kernel for LnKernel {
+    fn run<T: Elem>(&self, x: &[&[T]]) -> Vec<T> {
+        layer_norm_rows(x[0], x[1], x[2], self.0)
+    }
+}
+
+struct LnBwdKernel(f64);
+impl Kernel for LnBwdKernel {
+    fn run<T: Elem>(&self, x: &[&[T]]) -> Vec<T> {
+        layer_norm_bwd_rows(x[0], x[1], x[2], self.0)
+    }
+}
+
 struct LayerNormOp {
     eps: f64,
 }
@@ -96,43 +109,11 @@ impl CustomOp3 for LayerNormOp {
     ) -> CResult<(CpuStorage, Shape)> {
         check_ln(l1, l2)?;
         check_ln(l1, l3)?;
-        let op = "layer-norm";
-        let e = self.eps;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(layer_norm_rows(
-                    contiguous(x, l1, op)?,
-                    contiguous(w, l2, op)?,
-                    contiguous(b, l3, op)?,
-                    e,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(layer_norm_rows(
-                    contiguous(x, l1, op)?,
-                    contiguous(w, l2, op)?,
-                    contiguous(b, l3, op)?,
-                    e,
-                ))
-            }
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(b)) => {
-                CpuStorage::F16(layer_norm_rows(
-                    contiguous(x, l1, op)?,
-                    contiguous(w, l2, op)?,
-                    contiguous(b, l3, op)?,
-                    e,
-                ))
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => {
-                CpuStorage::BF16(layer_norm_rows(
-                    contiguous(x, l1, op)?,
-                    contiguous(w, l2, op)?,
-                    contiguous(b, l3, op)?,
-                    e,
-                ))
-            }
-            (a, _, _) => return Err(candle_core::Error::UnsupportedDTypeForOp(a.dtype(), op)),
-        };
+        let out = run_kernel(
+            &LnKernel(self.eps),
+            "layer-norm",
+            &[(s1, l1), (s2, l2), (s3, l3)],
+        )?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -182,43 +163,11 @@ impl CustomOp3 for LayerNormBwd {
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         check_ln(l1, l2)?;
-        let op = "layer-norm-bwd";
-        let e = self.eps;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                CpuStorage::F32(layer_norm_bwd_rows(
-                    contiguous(x, l1, op)?,
-                    contiguous(w, l2, op)?,
-                    contiguous(g, l3, op)?,
-                    e,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                CpuStorage::F64(layer_norm_bwd_rows(
-                    contiguous(x, l1, op)?,
-                    contiguous(w, l2, op)?,
-                    contiguous(g, l3, op)?,
-                    e,
-                ))
-            }
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(g)) => {
-                CpuStorage::F16(layer_norm_bwd_rows(
-                    contiguous(x, l1, op)?,
-                    contiguous(w, l2, op)?,
-                    contiguous(g, l3, op)?,
-                    e,
-                ))
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(g)) => {
-                CpuStorage::BF16(layer_norm_bwd_rows(
-                    contiguous(x, l1, op)?,
-                    contiguous(w, l2, op)?,
-                    contiguous(g, l3, op)?,
-                    e,
-                ))
-            }
-            (a, _, _) => return Err(candle_core::Error::UnsupportedDTypeForOp(a.dtype(), op)),
-        };
+        let out = run_kernel(
+            &LnBwdKernel(self.eps),
+            "layer-norm-bwd",
+            &[(s1, l1), (s2, l2), (s3, l3)],
+        )?;
         Ok((out, l1.shape().clone()))
     }
 }

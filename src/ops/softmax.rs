@@ -4,8 +4,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::cpu::{contiguous, dispatch1, last_dim, CResult, Elem};
-use candle_core::backend::BackendStorage;
+use super::cpu::{last_dim, run_kernel, CResult, Elem, Kernel};
 
 const LANES: usize = 8;
 
@@ -78,21 +77,26 @@ fn softmax_bwd_rows<T: Elem>(y: &[T], g: &[T], dim: usize) -> Vec<T> {
 
 struct Softmax;
 
+struct SoftmaxKernel(usize);
+impl Kernel for SoftmaxKernel {
+    fn run<T: Elem>(&self, x: &[&[T]]) -> Vec<T> {
+        softmax_rows(x[0], self.0)
+    }
+}
+
+struct SoftmaxBwdKernel(usize);
+impl Kernel for SoftmaxBwdKernel {
+    fn run<T: Elem>(&self, x: &[&[T]]) -> Vec<T> {
+        softmax_bwd_rows(x[0], x[1], self.0)
+    }
+}
+
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
         "sd-lora-softmax"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let dim = last_dim(l)?;
-        let op = "softmax";
-        let out = dispatch1(
-            s,
-            op,
-            |v| Ok(softmax_rows(contiguous(v, l, op)?, dim)),
-            |v| Ok(softmax_rows(contiguous(v, l, op)?, dim)),
-            |v| Ok(softmax_rows(contiguous(v, l, op)?, dim)),
-            |v| Ok(softmax_rows(contiguous(v, l, op)?, dim)),
-        )?;
+        let out = run_kernel(&SoftmaxKernel(last_dim(l)?), "softmax", &[(s, l)])?;
         Ok((out, l.shape().clone()))
     }
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
@@ -114,31 +118,11 @@ impl CustomOp2 for SoftmaxBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let dim = last_dim(l1)?;
-        let op = "softmax-bwd";
-        let out = match (s1, s2) {
-            (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(softmax_bwd_rows(
-                contiguous(y, l1, op)?,
-                contiguous(g, l2, op)?,
-                dim,
-            )),
-            (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(softmax_bwd_rows(
-                contiguous(y, l1, op)?,
-                contiguous(g, l2, op)?,
-                dim,
-            )),
-            (CpuStorage::F16(y), CpuStorage::F16(g)) => CpuStorage::F16(softmax_bwd_rows(
-                contiguous(y, l1, op)?,
-                contiguous(g, l2, op)?,
-                dim,
-            )),
-            (CpuStorage::BF16(y), CpuStorage::BF16(g)) => CpuStorage::BF16(softmax_bwd_rows(
-                contiguous(y, l1, op)?,
-                contiguous(g, l2, op)?,
-                dim,
-            )),
-            (a, _) => return Err(candle_core::Error::UnsupportedDTypeForOp(a.dtype(), op)),
-        };
+        let out = run_kernel(
+            &SoftmaxBwdKernel(last_dim(l1)?),
+            "softmax-bwd",
+            &[(s1, l1), (s2, l2)],
+        )?;
         Ok((out, l1.shape().clone()))
     }
 }
