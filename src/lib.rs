@@ -11,5 +11,6 @@ pub mod cli;
 pub mod lora;
 pub mod ops;
 pub mod prelude;
+pub mod scheduler;
 pub mod unet;
 pub mod weights;
