@@ -12,5 +12,6 @@ pub mod lora;
 pub mod ops;
 pub mod prelude;
 pub mod scheduler;
+pub mod text;
 pub mod unet;
 pub mod weights;

@@ -133,6 +133,14 @@ impl WeightSource {
         &self.device
     }
 
+    /// Whether the checkpoint holds `name` under this prefix (always true for random/meta).
+    pub fn contains(&self, name: &str) -> bool {
+        match &*self.backend {
+            Backend::Files { st, .. } => st.get(&self.path_of(name)).is_ok(),
+            _ => true,
+        }
+    }
+
     /// Full checkpoint key of `name` under this source's prefix.
     pub fn path_of(&self, name: &str) -> String {
         if self.prefix.is_empty() {

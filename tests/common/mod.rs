@@ -38,3 +38,40 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap();
     diff / scale.max(1e-12)
 }
+
+/// OpenAI's CLIP BPE list, fetched by scripts/fetch-clip-bpe.sh (part of scripts/test.sh).
+pub fn clip_bpe() -> PathBuf {
+    let base = std::env::var("SD_LORA_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/sd-lora")
+        });
+    let p = base.join("clip-bpe/bpe_simple_vocab_16e6.txt.gz");
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-clip-bpe.sh",
+        p.display()
+    );
+    p
+}
+
+/// A copy of the tiny diffusers pipeline fixture with a `tokenizer/` built from the real BPE.
+pub fn tiny_pipeline() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&golden("tiny_pipeline"), dir.path());
+    sd_lora::text::write_clip_vocab(&clip_bpe(), &dir.path().join("tokenizer")).unwrap();
+    dir
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Text side of Stable Diffusion: the CLIP tokenizer and text encoder.
+
+pub mod clip;
+pub mod tokenizer;
+
+pub use clip::{ClipTextConfig, ClipTextModel};
+pub use tokenizer::{write_clip_vocab, ClipTokenizer};
