@@ -14,4 +14,5 @@ pub mod prelude;
 pub mod scheduler;
 pub mod text;
 pub mod unet;
+pub mod vae;
 pub mod weights;

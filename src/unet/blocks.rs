@@ -61,7 +61,7 @@ impl DownBlock {
                 &ws.pp(format!("resnets.{i}")),
                 c,
                 cout,
-                s.temb,
+                Some(s.temb),
                 s.groups,
                 s.eps,
                 1.0,
@@ -92,7 +92,7 @@ impl DownBlock {
         let mut h = x.clone();
         let mut states = Vec::new();
         for (i, r) in self.resnets.iter().enumerate() {
-            h = r.forward(&h, temb)?;
+            h = r.forward(&h, Some(temb))?;
             if let Some(a) = self.attentions.get(i) {
                 h = a.forward(&h, ctx)?;
             }
@@ -120,7 +120,7 @@ impl MidBlock {
                 &ws.pp(format!("resnets.{i}")),
                 ch,
                 ch,
-                s.temb,
+                Some(s.temb),
                 s.groups,
                 s.eps,
                 scale,
@@ -133,9 +133,9 @@ impl MidBlock {
     }
 
     pub fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor) -> Result<Tensor> {
-        let h = self.resnets[0].forward(x, temb)?;
+        let h = self.resnets[0].forward(x, Some(temb))?;
         let h = self.attentions[0].forward(&h, ctx)?;
-        self.resnets[1].forward(&h, temb)
+        self.resnets[1].forward(&h, Some(temb))
     }
 }
 
@@ -170,7 +170,7 @@ impl UpBlock {
                 &ws.pp(format!("resnets.{i}")),
                 rin + skip,
                 cout,
-                s.temb,
+                Some(s.temb),
                 s.groups,
                 s.eps,
                 1.0,
@@ -206,7 +206,7 @@ impl UpBlock {
             let Some(skip) = skips.pop() else {
                 bail!("UNet internal error: ran out of skip connections")
             };
-            h = r.forward(&Tensor::cat(&[&h, &skip], 1)?, temb)?;
+            h = r.forward(&Tensor::cat(&[&h, &skip], 1)?, Some(temb))?;
             if let Some(a) = self.attentions.get(i) {
                 h = a.forward(&h, ctx)?;
             }
@@ -225,7 +225,9 @@ pub(crate) fn visit(
     f: &mut dyn FnMut(&mut LoraLinear) -> Result<()>,
 ) -> Result<()> {
     for r in resnets {
-        f(&mut r.time_emb_proj)?;
+        if let Some(p) = &mut r.time_emb_proj {
+            f(p)?;
+        }
     }
     for a in attentions {
         a.for_each_linear(f)?;

@@ -14,7 +14,8 @@ use crate::weights::WeightSource;
 pub struct ResnetBlock2D {
     pub norm1: GroupNorm,
     pub conv1: Conv2d,
-    pub time_emb_proj: LoraLinear,
+    /// Absent in the VAE's blocks (no time conditioning).
+    pub time_emb_proj: Option<LoraLinear>,
     pub norm2: GroupNorm,
     pub conv2: Conv2d,
     pub conv_shortcut: Option<Conv2d>,
@@ -26,7 +27,7 @@ impl ResnetBlock2D {
         ws: &WeightSource,
         cin: usize,
         cout: usize,
-        temb: usize,
+        temb: Option<usize>,
         groups: usize,
         eps: f64,
         output_scale_factor: f64,
@@ -34,7 +35,16 @@ impl ResnetBlock2D {
         Ok(Self {
             norm1: GroupNorm::load(&ws.pp("norm1"), groups, cin, eps)?,
             conv1: Conv2d::load(&ws.pp("conv1"), cin, cout, 3, 1, 1)?,
-            time_emb_proj: LoraLinear::load(&ws.pp("time_emb_proj"), temb, cout, true, false)?,
+            time_emb_proj: match temb {
+                Some(t) => Some(LoraLinear::load(
+                    &ws.pp("time_emb_proj"),
+                    t,
+                    cout,
+                    true,
+                    false,
+                )?),
+                None => None,
+            },
             norm2: GroupNorm::load(&ws.pp("norm2"), groups, cout, eps)?,
             conv2: Conv2d::load(&ws.pp("conv2"), cout, cout, 3, 1, 1)?,
             conv_shortcut: if cin != cout {
@@ -46,11 +56,20 @@ impl ResnetBlock2D {
         })
     }
 
-    /// `x [B, Cin, H, W]`, `temb [B, T]` (the time embedding before its SiLU).
-    pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+    /// `x [B, Cin, H, W]`, `temb [B, T]` (the time embedding before its SiLU; `None` for the
+    /// VAE).
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let t = self.time_emb_proj.forward(&temb.silu()?)?;
-        let h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(p), Some(temb)) => {
+                let t = p.forward(&temb.silu()?)?;
+                h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?
+            }
+            (None, None) => h,
+            _ => {
+                anyhow::bail!("resnet block: time embedding given without projection or vice versa")
+            }
+        };
         let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
