@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod lora;
 pub mod ops;
+pub mod pipeline;
 pub mod prelude;
 pub mod scheduler;
 pub mod text;

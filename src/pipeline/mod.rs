@@ -1,0 +1,122 @@
+//! The Stable Diffusion pipeline: tokenizer, text encoder, VAE, UNet and scheduler loaded
+//! together, text-to-image generation with classifier-free guidance, and LoRA on/off without
+//! reloading anything.
+
+pub mod generate;
+pub mod load;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+
+pub use generate::{GenerateConfig, Images};
+pub use load::{resolve_model, DEFAULT_MODEL};
+
+use crate::scheduler::SchedulerConfig;
+use crate::text::{ClipTextModel, ClipTokenizer};
+use crate::unet::UNet2DConditionModel;
+use crate::vae::AutoencoderKL;
+
+/// How to load a pipeline.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// A diffusers folder or a Hub repo id. Default [`DEFAULT_MODEL`].
+    pub source: String,
+    /// Weights variant (`fp16` reads `*.fp16.safetensors`). Default none.
+    pub variant: Option<String>,
+    /// Compute dtype. Default f32 (CPU); f16/bf16 on GPUs.
+    pub dtype: DType,
+    pub device: Device,
+    /// Hub cache folder; default `HF_HOME` / `~/.cache/huggingface/hub`.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            source: DEFAULT_MODEL.into(),
+            variant: None,
+            dtype: DType::F32,
+            device: Device::Cpu,
+            cache_dir: None,
+        }
+    }
+}
+
+/// A loaded Stable Diffusion pipeline. Plain owned fields: keep it across notebook cells.
+#[derive(Debug, Clone)]
+pub struct StableDiffusion {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub vae: AutoencoderKL,
+    pub unet: UNet2DConditionModel,
+    pub scheduler_config: SchedulerConfig,
+    /// The folder the pipeline was read from.
+    pub root: PathBuf,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl StableDiffusion {
+    /// Loads from a folder or Hub id on the CPU in f32 (see [`StableDiffusion::load_with`]).
+    pub fn load(source: &str) -> Result<Self> {
+        Self::load_with(&LoadOptions {
+            source: source.into(),
+            ..Default::default()
+        })
+    }
+
+    pub fn load_with(opts: &LoadOptions) -> Result<Self> {
+        let variant = opts.variant.as_deref();
+        let root = resolve_model(&opts.source, variant, opts.cache_dir.as_deref())?;
+        Self::from_folder(&root, variant, opts.dtype, &opts.device)
+    }
+
+    /// Loads every component from a diffusers pipeline folder.
+    pub fn from_folder(
+        root: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+        let text_encoder = ClipTextModel::load(root.join("text_encoder"), variant, dtype, device)?;
+        let vae = AutoencoderKL::load(root.join("vae"), variant, dtype, device)?;
+        let unet = UNet2DConditionModel::load(root.join("unet"), variant, dtype, device)?;
+        let scheduler_config =
+            SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
+        let ctx = unet.config.cross_dims()?[0];
+        if ctx != text_encoder.config.hidden_size {
+            anyhow::bail!(
+                "{}: the UNet expects {ctx}-dim text embeddings, the text encoder gives {}",
+                root.display(),
+                text_encoder.config.hidden_size
+            );
+        }
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            vae,
+            unet,
+            scheduler_config,
+            root: root.to_path_buf(),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Text embeddings `[N, 77, D]` for `prompts` (the last hidden state, as SD uses it).
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor> {
+        let ids = self.tokenizer.encode_batch(prompts, &self.device)?;
+        let out = self
+            .text_encoder
+            .forward(&ids)
+            .context("running the text encoder")?;
+        Ok(out.last_hidden_state)
+    }
+
+    /// Pixels per latent cell (8 for SD), from the VAE config.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config.downsample_factor()
+    }
+}
