@@ -98,3 +98,68 @@ pub fn unet_forward(
     write_safetensors_atomic(&map, None, out)?;
     Ok(format!("wrote {} {:?}{note}", out.display(), y.dims()))
 }
+
+/// Everything `sd-lora generate` needs.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub model: String,
+    pub variant: Option<String>,
+    pub dtype: DType,
+    pub lora: Option<std::path::PathBuf>,
+    pub lora_scale: f64,
+    pub merge: bool,
+    pub latents: Option<std::path::PathBuf>,
+    pub out: std::path::PathBuf,
+    pub config: crate::pipeline::GenerateConfig,
+}
+
+/// Loads the pipeline (and LoRA), generates, writes PNGs; returns the paths written.
+pub fn generate(opts: GenerateOptions) -> Result<Vec<std::path::PathBuf>> {
+    use crate::pipeline::{LoadOptions, StableDiffusion};
+    let device = Device::Cpu;
+    if opts.dtype == DType::BF16 {
+        bail!("bf16 compute is not available on the CPU (candle has no bf16 matmul there): use f32 or f16");
+    }
+    if !opts.lora_scale.is_finite() {
+        bail!("--lora-scale must be a finite number");
+    }
+    let mut cfg = opts.config.clone();
+    if let Some(p) = &opts.latents {
+        let t = candle_core::safetensors::load(p, &device)
+            .with_context(|| format!("cannot read latents {}", p.display()))?;
+        let l = t
+            .get("latents")
+            .with_context(|| format!("{} has no tensor `latents`", p.display()))?
+            .to_dtype(DType::F32)?;
+        cfg.num_images = l
+            .dim(0)
+            .with_context(|| format!("`latents` in {} must be [N, C, h, w]", p.display()))?;
+        cfg.latents = Some(l);
+    }
+    let mut sd = StableDiffusion::load_with(&LoadOptions {
+        source: opts.model.clone(),
+        variant: opts.variant.clone(),
+        dtype: opts.dtype,
+        device: device.clone(),
+        cache_dir: None,
+    })?;
+    if let Some(path) = &opts.lora {
+        let file = LoraFile::read(path, &sd.unet.linear_names()?)?;
+        sd.unet.apply_lora_file(&file, &VarMap::new())?;
+        sd.unet.set_lora_scale(opts.lora_scale)?;
+        if opts.merge {
+            sd.unet.merge_lora()?;
+        }
+    }
+    let started = std::time::Instant::now();
+    let images = sd.generate_with_progress(&cfg, &mut |i, n| {
+        eprint!(
+            "\rdenoising {i}/{n} ({:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
+        if i == n {
+            eprintln!();
+        }
+    })?;
+    images.save(&opts.out)
+}

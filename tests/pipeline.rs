@@ -171,3 +171,116 @@ fn bad_generation_settings_are_rejected() {
         "the fixture has no tokenizer files: {e}"
     );
 }
+
+fn png_psnr(path: &std::path::Path, reference: &Tensor, index: usize) -> f64 {
+    let img = image::open(path).unwrap().to_rgb8();
+    let v: Vec<f32> = img.as_raw().iter().map(|&b| b as f32 / 255.0).collect();
+    let t = Tensor::from_vec(v, (32, 32, 3), &Device::Cpu).unwrap();
+    psnr(&t, &reference.get(index).unwrap())
+}
+
+#[test]
+fn cli_generate_reproduces_diffusers_from_latents() {
+    let dir = tiny_pipeline();
+    let out = tempfile::tempdir().unwrap();
+    let r = load("tiny_pipeline/reference.safetensors");
+    let lat = out.path().join("latents.safetensors");
+    candle_core::safetensors::save(
+        &[("latents".to_string(), r["pipe.latents"].clone())]
+            .into_iter()
+            .collect(),
+        &lat,
+    )
+    .unwrap();
+    let lora = dir.path().join("lora.safetensors");
+    for (extra, key) in [
+        (vec![], "pipe.image"),
+        (
+            vec!["--lora", lora.to_str().unwrap(), "--lora-scale", "0.5"],
+            "pipe.image_lora_half",
+        ),
+    ] {
+        let png = out.path().join("img.png");
+        let mut args = vec![
+            "generate",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--variant",
+            "fp16",
+            "--prompt",
+            "a red circle on a blue background",
+            "--negative-prompt",
+            "blurry, low quality",
+            "--steps",
+            "6",
+            "--guidance",
+            "5",
+            "--scheduler",
+            "ddim",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--latents",
+            lat.to_str().unwrap(),
+            "--out",
+            png.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sd-lora"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        for i in 0..2 {
+            let p = png_psnr(&out.path().join(format!("img-{i}.png")), &r[key], i);
+            assert!(p >= 40.0, "{key} image {i}: PSNR {p}");
+        }
+    }
+    // bad input: clear errors, non-zero exit, nothing written
+    let bad_out = out.path().join("bad.png");
+    for (args, needle) in [
+        (vec!["--scheduler", "heun"], "heun"),
+        (vec!["--width", "33"], "multiples of 2"),
+        (
+            vec!["--latents", "/no/latents.safetensors"],
+            "/no/latents.safetensors",
+        ),
+        (
+            vec!["--lora", "/no/lora.safetensors"],
+            "/no/lora.safetensors",
+        ),
+        (vec!["--variant", "bf16"], "model.bf16.safetensors"),
+    ] {
+        let mut a = vec![
+            "generate",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--steps",
+            "2",
+            "--height",
+            "16",
+            "--out",
+            bad_out.to_str().unwrap(),
+        ];
+        if !args.contains(&"--width") {
+            a.extend(["--width", "16"]);
+        }
+        if !args.contains(&"--variant") {
+            a.extend(["--variant", "fp16"]);
+        }
+        a.extend(args);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sd-lora"))
+            .args(&a)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(needle) && !err.contains("panicked"),
+            "{needle}: {err}"
+        );
+    }
+    assert!(!bad_out.exists());
+}

@@ -62,6 +62,55 @@ enum Cmd {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Generates images with a Stable Diffusion pipeline (optionally with a LoRA).
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// A diffusers folder or a Hugging Face repo id.
+    #[arg(long, default_value = sd_lora::pipeline::DEFAULT_MODEL)]
+    model: String,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// ddim, ddpm or euler-a.
+    #[arg(long, default_value = "ddim")]
+    scheduler: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 512)]
+    width: usize,
+    #[arg(long, default_value_t = 512)]
+    height: usize,
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// A LoRA file (PEFT/diffusers, kohya or old diffusers format).
+    #[arg(long)]
+    lora: Option<PathBuf>,
+    /// LoRA strength (0 = base model).
+    #[arg(long, default_value_t = 1.0)]
+    lora_scale: f64,
+    /// Fold the LoRA into the weights (faster sampling).
+    #[arg(long)]
+    merge: bool,
+    /// safetensors with tensor `latents` [N, 4, H/f, W/f] used instead of seeded noise.
+    #[arg(long)]
+    latents: Option<PathBuf>,
+    /// Weights variant, e.g. fp16.
+    #[arg(long)]
+    variant: Option<String>,
+    /// f32 or f16 (bf16 needs a GPU).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Output PNG; several images become <stem>-0.png, <stem>-1.png, ...
+    #[arg(long)]
+    out: PathBuf,
 }
 
 fn main() {
@@ -127,6 +176,33 @@ fn run() -> Result<()> {
             )
             .with_context(|| format!("unet-forward on {}", model.display()))?;
             eprintln!("{report}");
+        }
+        Cmd::Generate(a) => {
+            let opts = cli::GenerateOptions {
+                model: a.model,
+                variant: a.variant,
+                dtype: cli::parse_dtype(&a.dtype)?,
+                lora: a.lora,
+                lora_scale: a.lora_scale,
+                merge: a.merge,
+                latents: a.latents,
+                out: a.out,
+                config: sd_lora::pipeline::GenerateConfig {
+                    prompt: a.prompt,
+                    negative_prompt: a.negative_prompt,
+                    steps: a.steps,
+                    guidance: a.guidance,
+                    scheduler: a.scheduler.parse()?,
+                    seed: a.seed,
+                    width: a.width,
+                    height: a.height,
+                    num_images: a.num_images,
+                    latents: None,
+                },
+            };
+            for p in cli::generate(opts)? {
+                println!("{}", p.display());
+            }
         }
     }
     Ok(())

@@ -112,7 +112,11 @@ impl StableDiffusion {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Images> {
         let f = self.vae_scale_factor();
-        if cfg.width == 0 || cfg.height == 0 || cfg.width % f != 0 || cfg.height % f != 0 {
+        if cfg.width == 0
+            || cfg.height == 0
+            || !cfg.width.is_multiple_of(f)
+            || !cfg.height.is_multiple_of(f)
+        {
             bail!(
                 "width and height must be positive multiples of {f} (the VAE factor), got {}x{}",
                 cfg.width,

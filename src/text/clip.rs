@@ -64,7 +64,8 @@ impl ClipTextConfig {
         let v = v.get("text_config").cloned().unwrap_or(v);
         let cfg: Self = serde_json::from_value(v)
             .with_context(|| format!("{} is not a CLIP text config", path.display()))?;
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             bail!(
                 "{}: hidden_size {} is not divisible by num_attention_heads {}",
                 path.display(),
