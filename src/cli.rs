@@ -105,8 +105,9 @@ pub struct GenerateOptions {
     pub model: String,
     pub variant: Option<String>,
     pub dtype: DType,
-    pub lora: Option<std::path::PathBuf>,
-    pub lora_scale: f64,
+    /// LoRA files, stacked; `lora_scales[i]` is the strength of `loras[i]` (default 1.0).
+    pub loras: Vec<std::path::PathBuf>,
+    pub lora_scales: Vec<f64>,
     pub merge: bool,
     pub latents: Option<std::path::PathBuf>,
     pub out: std::path::PathBuf,
@@ -120,8 +121,15 @@ pub fn generate(opts: GenerateOptions) -> Result<Vec<std::path::PathBuf>> {
     if opts.dtype == DType::BF16 {
         bail!("bf16 compute is not available on the CPU (candle has no bf16 matmul there): use f32 or f16");
     }
-    if !opts.lora_scale.is_finite() {
-        bail!("--lora-scale must be a finite number");
+    if opts.lora_scales.len() > opts.loras.len() {
+        bail!(
+            "{} --lora-scale values for {} --lora files",
+            opts.lora_scales.len(),
+            opts.loras.len()
+        );
+    }
+    if let Some(s) = opts.lora_scales.iter().find(|s| !s.is_finite()) {
+        bail!("--lora-scale must be a finite number, got {s}");
     }
     let mut cfg = opts.config.clone();
     if let Some(p) = &opts.latents {
@@ -143,13 +151,21 @@ pub fn generate(opts: GenerateOptions) -> Result<Vec<std::path::PathBuf>> {
         device: device.clone(),
         cache_dir: None,
     })?;
-    if let Some(path) = &opts.lora {
-        let file = LoraFile::read(path, &sd.unet.linear_names()?)?;
-        sd.unet.apply_lora_file(&file, &VarMap::new())?;
-        sd.unet.set_lora_scale(opts.lora_scale)?;
-        if opts.merge {
-            sd.unet.merge_lora()?;
-        }
+    let names = sd.unet.linear_names()?;
+    for (i, path) in opts.loras.iter().enumerate() {
+        let file = LoraFile::read(path, &names)?;
+        let adapter = if i == 0 {
+            crate::lora::DEFAULT_ADAPTER.to_string()
+        } else {
+            format!("lora{i}")
+        };
+        sd.unet
+            .apply_lora_file_as(&file, &adapter, &VarMap::new())?;
+        sd.unet
+            .set_adapter_scale(&adapter, opts.lora_scales.get(i).copied().unwrap_or(1.0))?;
+    }
+    if opts.merge && !opts.loras.is_empty() {
+        sd.unet.merge_lora()?;
     }
     let started = std::time::Instant::now();
     let images = sd.generate_with_progress(&cfg, &mut |i, n| {

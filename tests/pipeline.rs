@@ -74,6 +74,23 @@ fn images_match_diffusers_without_and_with_lora() {
     sd.unet.merge_lora().unwrap();
     let merged = sd.generate(&cfg).unwrap();
     assert!(psnr(&merged.pixels, &r["pipe.image_lora"]) >= 40.0);
+    sd.unet.unmerge_lora().unwrap();
+    // two stacked adapters at 0.5 each add up to the file at 1.0
+    sd.unet.set_lora_scale(0.5).unwrap();
+    sd.unet
+        .apply_lora_file_as(&lf, "second", &VarMap::new())
+        .unwrap();
+    sd.unet.set_adapter_scale("second", 0.5).unwrap();
+    assert_eq!(sd.unet.adapter_names().unwrap(), vec!["default", "second"]);
+    let stacked = sd.generate(&cfg).unwrap();
+    let p = psnr(&stacked.pixels, &r["pipe.image_lora"]);
+    assert!(p >= 40.0, "stacked PSNR {p}");
+    assert!(sd
+        .unet
+        .set_adapter_scale("third", 1.0)
+        .unwrap_err()
+        .to_string()
+        .contains("third"));
 }
 
 #[test]

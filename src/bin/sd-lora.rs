@@ -90,13 +90,13 @@ struct GenerateArgs {
     height: usize,
     #[arg(long, default_value_t = 1)]
     num_images: usize,
-    /// A LoRA file (PEFT/diffusers, kohya or old diffusers format).
+    /// A LoRA file (PEFT/diffusers, kohya or old diffusers format); repeat to stack several.
     #[arg(long)]
-    lora: Option<PathBuf>,
-    /// LoRA strength (0 = base model).
-    #[arg(long, default_value_t = 1.0)]
-    lora_scale: f64,
-    /// Fold the LoRA into the weights (faster sampling).
+    lora: Vec<PathBuf>,
+    /// Strength of each --lora in order (0 = off; missing ones are 1.0).
+    #[arg(long)]
+    lora_scale: Vec<f64>,
+    /// Fold the LoRA(s) into the weights (faster sampling).
     #[arg(long)]
     merge: bool,
     /// safetensors with tensor `latents` [N, 4, H/f, W/f] used instead of seeded noise.
@@ -182,8 +182,8 @@ fn run() -> Result<()> {
                 model: a.model,
                 variant: a.variant,
                 dtype: cli::parse_dtype(&a.dtype)?,
-                lora: a.lora,
-                lora_scale: a.lora_scale,
+                loras: a.lora,
+                lora_scales: a.lora_scale,
                 merge: a.merge,
                 latents: a.latents,
                 out: a.out,

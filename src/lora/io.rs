@@ -309,8 +309,9 @@ pub fn write_safetensors_atomic(
     Ok(())
 }
 
-/// Saves the adapters of `layers` in `format` (`Peft` writes diffusers' `save_lora_weights`
-/// layout with `lora_adapter_metadata`; `Kohya` writes `lora_unet_*` with `.alpha`).
+/// Saves each layer's main adapter (`default`, else its first) in `format` (`Peft` writes
+/// diffusers' `save_lora_weights` layout with `lora_adapter_metadata`; `Kohya` writes
+/// `lora_unet_*` with `.alpha`).
 pub fn save_lora(layers: &[LoraLinear], format: LoraFormat, path: impl AsRef<Path>) -> Result<()> {
     let path = path.as_ref();
     let mut tensors = BTreeMap::new();

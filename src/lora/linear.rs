@@ -9,9 +9,15 @@ use rand_distr::{Distribution, Normal, Uniform};
 use super::config::LoraInit;
 use crate::weights::{Init, WeightSource};
 
+/// Name of the adapter that `inject_lora` creates and training updates.
+pub const DEFAULT_ADAPTER: &str = "default";
+
 /// A LoRA adapter: trainable `A [rank, in]` and `B [out, rank]`, always f32.
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
+    /// `default` for the trained adapter; loaded files get their own names so several can
+    /// stack on one layer.
+    pub name: String,
     pub a: Var,
     pub b: Var,
     pub alpha: f64,
@@ -42,14 +48,14 @@ impl LoraAdapter {
     }
 }
 
-/// A frozen linear layer with an optional LoRA adapter.
+/// A frozen linear layer with any number of LoRA adapters (usually one), whose updates add up.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
     name: String,
     weight: Tensor,
     bias: Option<Tensor>,
     conv1x1: bool,
-    adapter: Option<LoraAdapter>,
+    adapters: Vec<LoraAdapter>,
     /// The base weight before `merge`, restored bit-exactly by `unmerge`.
     unmerged: Option<Tensor>,
 }
@@ -85,7 +91,7 @@ impl LoraLinear {
             weight,
             bias,
             conv1x1,
-            adapter: None,
+            adapters: Vec::new(),
             unmerged: None,
         })
     }
@@ -110,11 +116,29 @@ impl LoraLinear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
+    /// The first adapter (the `default` one when present).
     pub fn adapter(&self) -> Option<&LoraAdapter> {
-        self.adapter.as_ref()
+        self.adapters
+            .iter()
+            .find(|a| a.name == DEFAULT_ADAPTER)
+            .or(self.adapters.first())
     }
     pub fn adapter_mut(&mut self) -> Option<&mut LoraAdapter> {
-        self.adapter.as_mut()
+        let i = self
+            .adapters
+            .iter()
+            .position(|a| a.name == DEFAULT_ADAPTER)
+            .unwrap_or(0);
+        self.adapters.get_mut(i)
+    }
+    pub fn adapters(&self) -> &[LoraAdapter] {
+        &self.adapters
+    }
+    pub fn adapters_mut(&mut self) -> &mut [LoraAdapter] {
+        &mut self.adapters
+    }
+    pub fn adapter_named(&self, name: &str) -> Option<&LoraAdapter> {
+        self.adapters.iter().find(|a| a.name == name)
     }
     pub fn is_merged(&self) -> bool {
         self.unmerged.is_some()
@@ -152,9 +176,27 @@ impl LoraLinear {
         self.set_adapter(a, b, alpha)
     }
 
-    /// Attaches an adapter with given `A [rank, in]` and `B [out, rank]` (converted to f32
-    /// `Var`s on the base weight's device).
+    /// Attaches the `default` adapter with given `A [rank, in]` and `B [out, rank]` (see
+    /// [`Self::add_adapter`]).
     pub fn set_adapter(&mut self, a: Tensor, b: Tensor, alpha: f64) -> Result<&LoraAdapter> {
+        self.add_adapter(DEFAULT_ADAPTER, a, b, alpha)
+    }
+
+    /// Attaches adapter `name` with `A [rank, in]` and `B [out, rank]` (converted to f32 `Var`s
+    /// on the base weight's device). Fails if the layer already has an adapter of that name.
+    pub fn add_adapter(
+        &mut self,
+        name: &str,
+        a: Tensor,
+        b: Tensor,
+        alpha: f64,
+    ) -> Result<&LoraAdapter> {
+        if self.adapters.iter().any(|x| x.name == name) {
+            bail!(
+                "{} already has a LoRA adapter named `{name}` (remove it first)",
+                self.name
+            );
+        }
         if self.is_merged() {
             bail!(
                 "{}: cannot replace the adapter while it is merged; unmerge first",
@@ -178,33 +220,39 @@ impl LoraLinear {
         let dev = self.weight.device().clone();
         let a = Var::from_tensor(&a.to_dtype(DType::F32)?.to_device(&dev)?)?;
         let b = Var::from_tensor(&b.to_dtype(DType::F32)?.to_device(&dev)?)?;
-        self.adapter = Some(LoraAdapter {
+        self.adapters.push(LoraAdapter {
+            name: name.to_string(),
             a,
             b,
             alpha,
             scale: 1.0,
             enabled: true,
         });
-        Ok(self.adapter.as_ref().expect("adapter just set"))
+        Ok(self.adapters.last().expect("adapter just added"))
     }
 
-    /// Removes the adapter (unmerging first if needed).
-    pub fn remove_adapter(&mut self) -> Result<Option<LoraAdapter>> {
+    /// Removes every adapter (unmerging first if needed).
+    pub fn remove_adapters(&mut self) -> Result<Vec<LoraAdapter>> {
         self.unmerge()?;
-        Ok(self.adapter.take())
+        Ok(std::mem::take(&mut self.adapters))
     }
 
-    /// Folds `scale·(alpha/rank)·B·A` into the base weight; the forward then skips the LoRA
-    /// branch. Training a merged layer is refused by `forward` (gradients would not reach A, B).
+    /// Folds every active adapter's `scale·(alpha/rank)·B·A` into the base weight; the forward
+    /// then skips the LoRA branches (for inference: gradients no longer reach A and B).
     pub fn merge(&mut self) -> Result<()> {
-        let Some(ad) = &self.adapter else {
-            return Ok(());
-        };
-        if self.is_merged() || !ad.enabled || ad.scale == 0.0 {
+        let active: Vec<&LoraAdapter> = self
+            .adapters
+            .iter()
+            .filter(|a| a.enabled && a.scale != 0.0)
+            .collect();
+        if self.is_merged() || active.is_empty() {
             return Ok(());
         }
-        let delta = (ad.delta_weight()? * ad.scale)?;
-        let merged = (self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(self.weight.dtype())?;
+        let mut merged = self.weight.to_dtype(DType::F32)?;
+        for ad in active {
+            merged = (merged + (ad.delta_weight()? * ad.scale)?)?;
+        }
+        let merged = merged.to_dtype(self.weight.dtype())?;
         self.unmerged = Some(std::mem::replace(&mut self.weight, merged));
         Ok(())
     }
@@ -219,19 +267,24 @@ impl LoraLinear {
 
     /// `x [..., in] -> [..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = linear(x, &self.weight, self.bias.as_ref())?;
-        match &self.adapter {
-            Some(ad) if ad.enabled && ad.scale != 0.0 && !self.is_merged() => {
-                let xf = x.to_dtype(DType::F32)?;
-                let h = linear(
-                    &linear(&xf, ad.a.as_tensor(), None)?,
-                    ad.b.as_tensor(),
-                    None,
-                )?;
-                Ok((y + (h * ad.factor())?.to_dtype(x.dtype())?)?)
-            }
-            _ => Ok(y),
+        let mut y = linear(x, &self.weight, self.bias.as_ref())?;
+        if self.is_merged() {
+            return Ok(y);
         }
+        let mut xf: Option<Tensor> = None;
+        for ad in self.adapters.iter().filter(|a| a.enabled && a.scale != 0.0) {
+            let xf = match &xf {
+                Some(t) => t.clone(),
+                None => xf.insert(x.to_dtype(DType::F32)?).clone(),
+            };
+            let h = linear(
+                &linear(&xf, ad.a.as_tensor(), None)?,
+                ad.b.as_tensor(),
+                None,
+            )?;
+            y = (y + (h * ad.factor())?.to_dtype(x.dtype())?)?;
+        }
+        Ok(y)
     }
 }
 

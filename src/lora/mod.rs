@@ -12,7 +12,7 @@ use serde::Serialize;
 
 pub use config::{target_matches, LoraConfig, LoraInit, INJECTABLE};
 pub use io::{LoraFile, LoraFormat, LoraModuleWeights};
-pub use linear::{LoraAdapter, LoraLinear};
+pub use linear::{LoraAdapter, LoraLinear, DEFAULT_ADAPTER};
 
 /// A model whose linear layers can carry LoRA adapters. Implemented by the UNet; the provided
 /// methods do the injection, counting and control.
@@ -62,7 +62,7 @@ pub trait LoraModel: Clone {
             if !cfg.matches(l.name()) {
                 return Ok(());
             }
-            if l.adapter().is_some() {
+            if l.adapter_named(DEFAULT_ADAPTER).is_some() {
                 bail!(
                     "{} already has a LoRA adapter (remove it before injecting again)",
                     l.name()
@@ -80,10 +80,22 @@ pub trait LoraModel: Clone {
         self.lora_summary()
     }
 
-    /// Attaches the adapters of a LoRA file (any supported format) and registers them in
-    /// `varmap`. Fails, naming the file and tensor, when a module does not exist in this model
-    /// or a shape does not fit; the model is unchanged then.
+    /// Attaches the adapters of a LoRA file (any supported format) as the `default` adapter and
+    /// registers them in `varmap`. Fails, naming the file and tensor, when a module does not
+    /// exist in this model or a shape does not fit; the model is unchanged then.
     fn apply_lora_file(&mut self, file: &LoraFile, varmap: &VarMap) -> Result<LoraSummary> {
+        self.apply_lora_file_as(file, DEFAULT_ADAPTER, varmap)
+    }
+
+    /// As [`LoraModel::apply_lora_file`] under adapter name `adapter`, so that several files
+    /// stack (their updates add up; each has its own strength, see
+    /// [`LoraModel::set_adapter_scale`]).
+    fn apply_lora_file_as(
+        &mut self,
+        file: &LoraFile,
+        adapter: &str,
+        varmap: &VarMap,
+    ) -> Result<LoraSummary> {
         let names = self.linear_names()?;
         for m in &file.modules {
             if !names.contains(&m.module) {
@@ -99,20 +111,14 @@ pub trait LoraModel: Clone {
         let mut new_vars = Vec::new();
         staged.for_each_linear(&mut |l| {
             if let Some(m) = file.modules.iter().find(|m| m.module == l.name()) {
-                if l.adapter().is_some() {
-                    bail!(
-                        "{} already has a LoRA adapter (remove it before loading another)",
-                        l.name()
-                    );
-                }
                 let name = l.name().to_string();
                 let ad = l
-                    .set_adapter(m.a.clone(), m.b.clone(), m.alpha)
+                    .add_adapter(adapter, m.a.clone(), m.b.clone(), m.alpha)
                     .map_err(|e| {
                         anyhow::anyhow!("{}: tensor `{}`: {e}", file.path.display(), m.source_key)
                     })?;
-                new_vars.push((format!("{name}.lora_A.weight"), ad.a.clone()));
-                new_vars.push((format!("{name}.lora_B.weight"), ad.b.clone()));
+                new_vars.push((var_name(&name, adapter, "A"), ad.a.clone()));
+                new_vars.push((var_name(&name, adapter, "B"), ad.b.clone()));
             }
             Ok(())
         })?;
@@ -125,9 +131,10 @@ pub trait LoraModel: Clone {
     fn lora_summary(&self) -> Result<LoraSummary> {
         let mut layers = Vec::new();
         for l in self.linears()? {
-            if let Some(ad) = l.adapter() {
+            for ad in l.adapters() {
                 layers.push(LoraLayerInfo {
                     name: l.name().to_string(),
+                    adapter: ad.name.clone(),
                     in_dim: l.in_dim(),
                     out_dim: l.out_dim(),
                     rank: ad.rank(),
@@ -145,16 +152,52 @@ pub trait LoraModel: Clone {
         })
     }
 
-    /// The trainable tensors, `(<module>.lora_A.weight | lora_B.weight, var)`.
+    /// The LoRA tensors, `(<module>.lora_A.weight | lora_B.weight, var)` for the `default`
+    /// adapter, `<module>.lora_A.<adapter>.weight` for others (PEFT's naming).
     fn lora_vars(&self) -> Result<Vec<(String, Var)>> {
         let mut out = Vec::new();
         for l in self.linears()? {
-            if let Some(ad) = l.adapter() {
-                out.push((format!("{}.lora_A.weight", l.name()), ad.a.clone()));
-                out.push((format!("{}.lora_B.weight", l.name()), ad.b.clone()));
+            for ad in l.adapters() {
+                out.push((var_name(l.name(), &ad.name, "A"), ad.a.clone()));
+                out.push((var_name(l.name(), &ad.name, "B"), ad.b.clone()));
             }
         }
         Ok(out)
+    }
+
+    /// Names of the adapters present, in first-seen order.
+    fn adapter_names(&self) -> Result<Vec<String>> {
+        let mut names: Vec<String> = Vec::new();
+        for l in self.linears()? {
+            for ad in l.adapters() {
+                if !names.contains(&ad.name) {
+                    names.push(ad.name.clone());
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    /// Runtime strength of adapter `name` only.
+    fn set_adapter_scale(&mut self, name: &str, scale: f64) -> Result<()> {
+        if !scale.is_finite() {
+            bail!("LoRA scale must be finite, got {scale}");
+        }
+        if !self.adapter_names()?.iter().any(|n| n == name) {
+            bail!(
+                "no LoRA adapter named `{name}` (have: {})",
+                self.adapter_names()?.join(", ")
+            );
+        }
+        self.for_each_linear(&mut |l| {
+            if l.is_merged() {
+                bail!("{}: unmerge before changing the LoRA scale", l.name());
+            }
+            for ad in l.adapters_mut().iter_mut().filter(|a| a.name == name) {
+                ad.scale = scale;
+            }
+            Ok(())
+        })
     }
 
     /// Runtime strength of every adapter (0 = base model, 1 = as trained).
@@ -166,7 +209,7 @@ pub trait LoraModel: Clone {
             if l.is_merged() {
                 bail!("{}: unmerge before changing the LoRA scale", l.name());
             }
-            if let Some(ad) = l.adapter_mut() {
+            for ad in l.adapters_mut() {
                 ad.scale = scale;
             }
             Ok(())
@@ -179,7 +222,7 @@ pub trait LoraModel: Clone {
             if l.is_merged() {
                 bail!("{}: unmerge before enabling or disabling LoRA", l.name());
             }
-            if let Some(ad) = l.adapter_mut() {
+            for ad in l.adapters_mut() {
                 ad.enabled = enabled;
             }
             Ok(())
@@ -198,7 +241,16 @@ pub trait LoraModel: Clone {
 
     /// Removes every adapter (the model is the base model again).
     fn remove_lora(&mut self) -> Result<()> {
-        self.for_each_linear(&mut |l| l.remove_adapter().map(|_| ()))
+        self.for_each_linear(&mut |l| l.remove_adapters().map(|_| ()))
+    }
+}
+
+/// `<module>.lora_A.weight` for the default adapter, `<module>.lora_A.<adapter>.weight` else.
+fn var_name(module: &str, adapter: &str, ab: &str) -> String {
+    if adapter == DEFAULT_ADAPTER {
+        format!("{module}.lora_{ab}.weight")
+    } else {
+        format!("{module}.lora_{ab}.{adapter}.weight")
     }
 }
 
@@ -217,6 +269,8 @@ fn register(varmap: &VarMap, vars: Vec<(String, Var)>) -> Result<()> {
 #[derive(Debug, Clone, Serialize)]
 pub struct LoraLayerInfo {
     pub name: String,
+    /// Adapter name (`default` unless loaded under another name).
+    pub adapter: String,
     pub in_dim: usize,
     pub out_dim: usize,
     pub rank: usize,

@@ -105,6 +105,30 @@ impl StableDiffusion {
         })
     }
 
+    /// A pipeline with seeded random weights for the given configs (benchmarks, tests) and a
+    /// tokenizer folder.
+    pub fn random(
+        unet: &crate::unet::UNetConfig,
+        vae: &crate::vae::VaeConfig,
+        text: &crate::text::ClipTextConfig,
+        tokenizer_dir: &Path,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        use crate::weights::WeightSource;
+        let dtype = DType::F32;
+        Ok(Self {
+            tokenizer: ClipTokenizer::from_dir(tokenizer_dir)?,
+            text_encoder: ClipTextModel::new(text, &WeightSource::random(seed, dtype, device))?,
+            vae: AutoencoderKL::new(vae, &WeightSource::random(seed + 1, dtype, device))?,
+            unet: UNet2DConditionModel::new(unet, &WeightSource::random(seed + 2, dtype, device))?,
+            scheduler_config: SchedulerConfig::sd_v1_5(),
+            root: tokenizer_dir.to_path_buf(),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
     /// Text embeddings `[N, 77, D]` for `prompts` (the last hidden state, as SD uses it).
     pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor> {
         let ids = self.tokenizer.encode_batch(prompts, &self.device)?;

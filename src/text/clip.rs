@@ -56,6 +56,18 @@ impl ClipTextConfig {
         }
     }
 
+    /// A miniature CLIP text encoder (64 wide, 2 layers, 4 heads) over the full CLIP vocabulary;
+    /// its width matches `UNetConfig::tiny()`'s cross-attention.
+    pub fn tiny() -> Self {
+        Self {
+            hidden_size: 64,
+            intermediate_size: 256,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            ..Self::sd_v1_5()
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read text encoder config {}", path.display()))?;

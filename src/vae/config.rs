@@ -78,6 +78,19 @@ impl VaeConfig {
         }
     }
 
+    /// A miniature VAE for CPU experiments: 32/64/64 channels, one resnet per level, 8 groups,
+    /// factor 4 (64 px images to 16x16x4 latents).
+    pub fn tiny() -> Self {
+        Self {
+            down_block_types: vec!["DownEncoderBlock2D".into(); 3],
+            up_block_types: vec!["UpDecoderBlock2D".into(); 3],
+            block_out_channels: vec![32, 64, 64],
+            layers_per_block: 1,
+            norm_num_groups: 8,
+            ..Self::sd_v1_5()
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read VAE config {}", path.display()))?;
