@@ -109,6 +109,8 @@ pub struct GenerateOptions {
     pub loras: Vec<std::path::PathBuf>,
     pub lora_scales: Vec<f64>,
     pub merge: bool,
+    /// Render the same seeds at each LoRA strength into one grid (needs `loras`).
+    pub strengths: Vec<f64>,
     pub latents: Option<std::path::PathBuf>,
     pub out: std::path::PathBuf,
     pub config: crate::pipeline::GenerateConfig,
@@ -163,6 +165,30 @@ pub fn generate(opts: GenerateOptions) -> Result<Vec<std::path::PathBuf>> {
             .apply_lora_file_as(&file, &adapter, &VarMap::new())?;
         sd.unet
             .set_adapter_scale(&adapter, opts.lora_scales.get(i).copied().unwrap_or(1.0))?;
+    }
+    if !opts.strengths.is_empty() {
+        if opts.loras.is_empty() {
+            bail!("--strengths compares LoRA strengths: give at least one --lora");
+        }
+        if opts.merge {
+            bail!(
+                "--strengths and --merge exclude each other (merged weights have a fixed strength)"
+            );
+        }
+        let rows = sd.generate_at_strengths(&cfg, &opts.strengths)?;
+        let all: Vec<&image::RgbImage> = rows.iter().flat_map(|r| r.images.iter()).collect();
+        let grid = crate::pipeline::image_grid(&all, cfg.num_images)?;
+        if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        grid.save(&opts.out)
+            .with_context(|| format!("cannot write {}", opts.out.display()))?;
+        eprintln!(
+            "grid rows = LoRA strengths {:?}, columns = images",
+            opts.strengths
+        );
+        return Ok(vec![opts.out.clone()]);
     }
     if opts.merge && !opts.loras.is_empty() {
         sd.unet.merge_lora()?;

@@ -210,12 +210,27 @@ fn cli_generate_reproduces_diffusers_from_latents() {
     )
     .unwrap();
     let lora = dir.path().join("lora.safetensors");
+    let l = lora.to_str().unwrap();
     for (extra, key) in [
         (vec![], "pipe.image"),
         (
-            vec!["--lora", lora.to_str().unwrap(), "--lora-scale", "0.5"],
+            vec!["--lora", l, "--lora-scale", "0.5"],
             "pipe.image_lora_half",
         ),
+        (
+            vec![
+                "--lora",
+                l,
+                "--lora",
+                l,
+                "--lora-scale",
+                "0.25",
+                "--lora-scale",
+                "0.25",
+            ],
+            "pipe.image_lora_half",
+        ),
+        (vec!["--lora", l, "--merge"], "pipe.image_lora"),
     ] {
         let png = out.path().join("img.png");
         let mut args = vec![
@@ -300,4 +315,38 @@ fn cli_generate_reproduces_diffusers_from_latents() {
         );
     }
     assert!(!bad_out.exists());
+    // a strength comparison grid: rows = strengths, columns = images
+    let grid = out.path().join("grid.png");
+    let args = [
+        "generate",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--variant",
+        "fp16",
+        "--prompt",
+        "a cat",
+        "--steps",
+        "2",
+        "--width",
+        "16",
+        "--height",
+        "16",
+        "--num-images",
+        "2",
+        "--lora",
+        l,
+        "--strengths",
+        "0,0.5,1",
+        "--out",
+        grid.to_str().unwrap(),
+    ];
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sd-lora"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        image::open(&grid).unwrap().to_rgb8().dimensions(),
+        (2 * 16 + 4, 3 * 16 + 2 * 4)
+    );
 }

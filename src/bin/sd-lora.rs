@@ -96,6 +96,10 @@ struct GenerateArgs {
     /// Strength of each --lora in order (0 = off; missing ones are 1.0).
     #[arg(long)]
     lora_scale: Vec<f64>,
+    /// Comma-separated strengths (e.g. 0,0.5,1): renders the same seeds at each strength of the
+    /// LoRA(s) and writes one grid to --out (a row per strength, a column per image).
+    #[arg(long, value_delimiter = ',')]
+    strengths: Vec<f64>,
     /// Fold the LoRA(s) into the weights (faster sampling).
     #[arg(long)]
     merge: bool,
@@ -185,6 +189,7 @@ fn run() -> Result<()> {
                 loras: a.lora,
                 lora_scales: a.lora_scale,
                 merge: a.merge,
+                strengths: a.strengths,
                 latents: a.latents,
                 out: a.out,
                 config: sd_lora::pipeline::GenerateConfig {

@@ -219,3 +219,31 @@ impl StableDiffusion {
         Ok(out)
     }
 }
+
+/// Tiles equally sized images into `rows x cols` with a 4-pixel white gap (row-major).
+/// Labels come with the plot renderers; see `render`.
+pub fn image_grid(images: &[&image::RgbImage], cols: usize) -> Result<image::RgbImage> {
+    let first = images.first().context("no images for the grid")?;
+    let (w, h) = first.dimensions();
+    if images.iter().any(|i| i.dimensions() != (w, h)) {
+        bail!("grid images must all have the same size");
+    }
+    let cols = cols.clamp(1, images.len());
+    let rows = images.len().div_ceil(cols);
+    let gap = 4u32;
+    let mut grid = image::RgbImage::from_pixel(
+        cols as u32 * (w + gap) - gap,
+        rows as u32 * (h + gap) - gap,
+        image::Rgb([255, 255, 255]),
+    );
+    for (i, img) in images.iter().enumerate() {
+        let (r, c) = ((i / cols) as u32, (i % cols) as u32);
+        image::imageops::replace(
+            &mut grid,
+            *img,
+            (c * (w + gap)) as i64,
+            (r * (h + gap)) as i64,
+        );
+    }
+    Ok(grid)
+}

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
-pub use generate::{GenerateConfig, Images};
+pub use generate::{image_grid, GenerateConfig, Images};
 pub use load::{resolve_model, DEFAULT_MODEL};
 
 use crate::scheduler::SchedulerConfig;
