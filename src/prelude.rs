@@ -4,7 +4,11 @@ pub use crate::lora::io::save_lora;
 pub use crate::lora::{
     group_digits, LoraConfig, LoraFile, LoraFormat, LoraInit, LoraLinear, LoraModel, LoraSummary,
 };
+pub use crate::pipeline::{image_grid, GenerateConfig, Images, LoadOptions, StableDiffusion};
+pub use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
+pub use crate::text::{ClipTextModel, ClipTokenizer};
 pub use crate::unet::{UNet2DConditionModel, UNetConfig};
+pub use crate::vae::AutoencoderKL;
 pub use crate::weights::WeightSource;
 pub use anyhow::Result;
 pub use candle_core::{DType, Device, Tensor, Var, D};
