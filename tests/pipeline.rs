@@ -350,3 +350,22 @@ fn cli_generate_reproduces_diffusers_from_latents() {
         (2 * 16 + 4, 3 * 16 + 2 * 4)
     );
 }
+
+#[test]
+fn half_precision_keeps_weights_in_f16() {
+    let dir = tiny_pipeline();
+    let sd =
+        StableDiffusion::from_folder(dir.path(), Some("fp16"), DType::F16, &Device::Cpu).unwrap();
+    assert_eq!((sd.unet.dtype(), sd.vae.dtype()), (DType::F16, DType::F16));
+    assert!(sd
+        .unet
+        .linears()
+        .unwrap()
+        .iter()
+        .all(|l| l.weight().dtype() == DType::F16));
+    let r = load("tiny_pipeline/reference.safetensors");
+    let imgs = sd.generate(&config(&r["pipe.latents"])).unwrap();
+    let p = psnr(&imgs.pixels, &r["pipe.image"]);
+    println!("f16 pipeline vs diffusers f32: PSNR {p:.1} dB");
+    assert!(p >= 30.0, "f16 PSNR {p}");
+}
