@@ -227,6 +227,27 @@ fn list(files: &[PathBuf]) -> String {
         .join(", ")
 }
 
+/// A diffusers component folder: `dir/<sub>` when it exists (a pipeline root), else `dir`.
+pub fn component_dir(dir: &Path, sub: &str) -> PathBuf {
+    if dir.join(sub).is_dir() {
+        dir.join(sub)
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// Memory-maps a component's `<stem>[.variant].safetensors` (or its shards) as a
+/// [`WeightSource`] converting to `dtype` on `device`.
+pub fn open_weights(
+    dir: &Path,
+    stem: &str,
+    variant: Option<&str>,
+    dtype: DType,
+    device: &Device,
+) -> Result<WeightSource> {
+    WeightSource::from_safetensors(&find_weight_files(dir, stem, variant)?, dtype, device)
+}
+
 /// Finds a diffusers model's weights in `dir`: `<stem>.safetensors`, its `.fp16` variant,
 /// or a sharded `<stem>.safetensors.index.json`.
 pub fn find_weight_files(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Vec<PathBuf>> {

@@ -9,7 +9,7 @@ use std::path::Path;
 use crate::lora::{LoraLinear, LoraModel};
 use crate::ops;
 use crate::unet::nn::LayerNorm;
-use crate::weights::{find_weight_files, Init, ParamRecord, WeightSource};
+use crate::weights::{component_dir, open_weights, Init, ParamRecord, WeightSource};
 
 fn d_act() -> String {
     "quick_gelu".into()
@@ -188,15 +188,9 @@ impl ClipTextModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let dir = dir.as_ref();
-        let dir = if dir.join("text_encoder").is_dir() {
-            dir.join("text_encoder")
-        } else {
-            dir.to_path_buf()
-        };
+        let dir = component_dir(dir.as_ref(), "text_encoder");
         let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        let files = find_weight_files(&dir, "model", variant)?;
-        let ws = WeightSource::from_safetensors(&files, dtype, device)?;
+        let ws = open_weights(&dir, "model", variant, dtype, device)?;
         Self::new(&config, &ws)
             .with_context(|| format!("loading the text encoder from {}", dir.display()))
     }

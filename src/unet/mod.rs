@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 pub use config::{PerBlock, UNetConfig};
 
 use crate::lora::{LoraLinear, LoraModel};
-use crate::weights::{find_weight_files, ParamRecord, WeightSource};
+use crate::weights::{open_weights, ParamRecord, WeightSource};
 use blocks::{BlockSpec, DownBlock, MidBlock, UpBlock};
 use embeddings::{timestep_features, TimestepEmbedding};
 use nn::{Conv2d, GroupNorm};
@@ -165,8 +165,7 @@ impl UNet2DConditionModel {
     ) -> Result<Self> {
         let dir = unet_dir(dir.as_ref())?;
         let config = UNetConfig::from_file(&dir.join("config.json"))?;
-        let files = find_weight_files(&dir, "diffusion_pytorch_model", variant)?;
-        let ws = WeightSource::from_safetensors(&files, dtype, device)?;
+        let ws = open_weights(&dir, "diffusion_pytorch_model", variant, dtype, device)?;
         Self::new(&config, &ws).with_context(|| format!("loading the UNet from {}", dir.display()))
     }
 

@@ -12,7 +12,7 @@ use std::path::Path;
 pub use config::VaeConfig;
 
 use crate::unet::nn::Conv2d;
-use crate::weights::{find_weight_files, WeightSource};
+use crate::weights::{component_dir, open_weights, WeightSource};
 use blocks::{Decoder, Encoder};
 
 /// The latent distribution `N(mean, exp(logvar))` of an encoded image.
@@ -74,15 +74,9 @@ impl AutoencoderKL {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let dir = dir.as_ref();
-        let dir = if dir.join("vae").is_dir() {
-            dir.join("vae")
-        } else {
-            dir.to_path_buf()
-        };
+        let dir = component_dir(dir.as_ref(), "vae");
         let config = VaeConfig::from_file(&dir.join("config.json"))?;
-        let files = find_weight_files(&dir, "diffusion_pytorch_model", variant)?;
-        let ws = WeightSource::from_safetensors(&files, dtype, device)?;
+        let ws = open_weights(&dir, "diffusion_pytorch_model", variant, dtype, device)?;
         Self::new(&config, &ws).with_context(|| format!("loading the VAE from {}", dir.display()))
     }
 
