@@ -8,12 +8,14 @@
 //! Notebooks start with `use sd_lora::prelude::*;`.
 
 pub mod cli;
+pub mod data;
 pub mod lora;
 pub mod ops;
 pub mod pipeline;
 pub mod prelude;
 pub mod scheduler;
 pub mod text;
+pub mod train;
 pub mod unet;
 pub mod vae;
 pub mod weights;

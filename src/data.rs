@@ -1,0 +1,243 @@
+//! Image-folder datasets: png / jpg / jpeg / webp files (optionally in sub-folders), captions
+//! (none, one fixed text, or kohya-style `<image>.txt` sidecars with a fallback), resized and
+//! cropped to the training resolution, optionally flipped, as tensors in [-1, 1].
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use image::imageops::FilterType;
+use std::path::{Path, PathBuf};
+
+/// Where captions come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CaptionSource {
+    /// The empty prompt for every image (the tutorial).
+    Empty,
+    /// One text for every image (e.g. a trigger word).
+    Fixed(String),
+    /// `<image stem>.txt` beside each image; images without one get `fallback`.
+    Sidecar { fallback: String },
+}
+
+impl CaptionSource {
+    /// `empty`, `sidecar`, or any other text = that fixed caption.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "empty" | "" => Self::Empty,
+            "sidecar" => Self::Sidecar {
+                fallback: String::new(),
+            },
+            other => Self::Fixed(other.to_string()),
+        }
+    }
+}
+
+/// How a dataset is read. `Default`: 512 px square, centre crop, flips on, empty captions.
+#[derive(Debug, Clone)]
+pub struct DataConfig {
+    /// Output width and height in pixels (multiples of 8 for SD). Default 512 x 512.
+    pub width: usize,
+    pub height: usize,
+    /// Horizontal flip with p = 0.5 at training time. Default true.
+    pub flip: bool,
+    pub captions: CaptionSource,
+    /// Look into sub-folders. Default false.
+    pub recursive: bool,
+    /// Skip unreadable files with a warning instead of failing. Default false.
+    pub skip_bad_images: bool,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            width: 512,
+            height: 512,
+            flip: true,
+            captions: CaptionSource::Empty,
+            recursive: false,
+            skip_bad_images: false,
+        }
+    }
+}
+
+/// One training example: the image at the training resolution and its caption.
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub path: PathBuf,
+    /// `[3, H, W]` in [-1, 1], f32, unflipped.
+    pub pixels: Tensor,
+    pub caption: String,
+}
+
+/// A loaded image folder.
+#[derive(Debug, Clone)]
+pub struct ImageFolder {
+    pub root: PathBuf,
+    pub examples: Vec<Example>,
+    /// Warnings (skipped files, upscaled images), for the caller to show.
+    pub warnings: Vec<String>,
+}
+
+const EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
+
+fn list_images(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> Result<()> {
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read image folder {}", dir.display()))?;
+    for e in entries {
+        let p = e
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .path();
+        if p.is_dir() {
+            if recursive {
+                list_images(&p, recursive, out)?;
+            }
+        } else if p
+            .extension()
+            .and_then(|x| x.to_str())
+            .is_some_and(|x| EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
+        {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Resizes so the image covers `w x h` (keeping aspect), then crops to exactly `w x h`:
+/// centred, or at `offset` in [0, 1]^2 of the slack for random crops.
+pub fn resize_and_crop(
+    img: &image::RgbImage,
+    w: u32,
+    h: u32,
+    offset: (f64, f64),
+) -> image::RgbImage {
+    let (iw, ih) = img.dimensions();
+    let scale = (w as f64 / iw as f64).max(h as f64 / ih as f64);
+    let (rw, rh) = (
+        ((iw as f64 * scale).round() as u32).max(w),
+        ((ih as f64 * scale).round() as u32).max(h),
+    );
+    let resized = if (rw, rh) == (iw, ih) {
+        img.clone()
+    } else {
+        image::imageops::resize(img, rw, rh, FilterType::Lanczos3)
+    };
+    let x = ((rw - w) as f64 * offset.0).round() as u32;
+    let y = ((rh - h) as f64 * offset.1).round() as u32;
+    image::imageops::crop_imm(&resized, x, y, w, h).to_image()
+}
+
+/// `[3, H, W]` in [-1, 1].
+pub fn image_to_tensor(img: &image::RgbImage, device: &Device) -> Result<Tensor> {
+    let (w, h) = img.dimensions();
+    let v: Vec<f32> = img
+        .as_raw()
+        .iter()
+        .map(|&b| b as f32 / 127.5 - 1.0)
+        .collect();
+    Ok(Tensor::from_vec(v, (h as usize, w as usize, 3), device)?
+        .permute((2, 0, 1))?
+        .contiguous()?)
+}
+
+fn read_caption(path: &Path, source: &CaptionSource) -> Result<String> {
+    Ok(match source {
+        CaptionSource::Empty => String::new(),
+        CaptionSource::Fixed(t) => t.clone(),
+        CaptionSource::Sidecar { fallback } => {
+            let txt = path.with_extension("txt");
+            if txt.is_file() {
+                let bytes = std::fs::read(&txt)
+                    .with_context(|| format!("cannot read caption {}", txt.display()))?;
+                String::from_utf8(bytes)
+                    .map_err(|_| anyhow::anyhow!("caption {} is not UTF-8 text", txt.display()))?
+                    .trim()
+                    .to_string()
+            } else {
+                fallback.clone()
+            }
+        }
+    })
+}
+
+impl ImageFolder {
+    /// Reads every image of `dir` (sorted by path), converted to RGB and centre-cropped at the
+    /// configured size. Flips are applied per step by the trainer.
+    pub fn load(dir: impl AsRef<Path>, cfg: &DataConfig) -> Result<Self> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            bail!("image folder {} does not exist", dir.display());
+        }
+        if cfg.width == 0 || cfg.height == 0 {
+            bail!(
+                "training resolution must be positive, got {}x{}",
+                cfg.width,
+                cfg.height
+            );
+        }
+        let mut paths = Vec::new();
+        list_images(dir, cfg.recursive, &mut paths)?;
+        paths.sort();
+        if paths.is_empty() {
+            bail!(
+                "no images ({}) in {}{}",
+                EXTENSIONS.join(", "),
+                dir.display(),
+                if cfg.recursive {
+                    ""
+                } else {
+                    " (sub-folders are skipped unless recursive)"
+                }
+            );
+        }
+        let mut examples = Vec::new();
+        let mut warnings = Vec::new();
+        for p in paths {
+            let img = match image::open(&p) {
+                Ok(i) => i,
+                Err(e) if cfg.skip_bad_images => {
+                    warnings.push(format!("skipped {}: {e}", p.display()));
+                    continue;
+                }
+                Err(e) => bail!(
+                    "cannot read image {}: {e} (use skip_bad_images to skip such files)",
+                    p.display()
+                ),
+            };
+            // grayscale, RGBA, 16-bit and CMYK-decoded JPEGs all end up as 8-bit RGB
+            let rgb = img.to_rgb8();
+            let (iw, ih) = rgb.dimensions();
+            if (iw as usize) < cfg.width || (ih as usize) < cfg.height {
+                warnings.push(format!(
+                    "{} is {iw}x{ih}, upscaled to cover {}x{}",
+                    p.display(),
+                    cfg.width,
+                    cfg.height
+                ));
+            }
+            let cropped = resize_and_crop(&rgb, cfg.width as u32, cfg.height as u32, (0.5, 0.5));
+            examples.push(Example {
+                caption: read_caption(&p, &cfg.captions)?,
+                pixels: image_to_tensor(&cropped, &Device::Cpu)?,
+                path: p,
+            });
+        }
+        if examples.is_empty() {
+            bail!(
+                "every image in {} was unreadable ({} skipped)",
+                dir.display(),
+                warnings.len()
+            );
+        }
+        Ok(Self {
+            root: dir.to_path_buf(),
+            examples,
+            warnings,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.examples.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.examples.is_empty()
+    }
+}

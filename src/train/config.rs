@@ -1,0 +1,96 @@
+//! `TrainConfig`: the trainer's settings. Defaults are the tutorial's.
+
+use serde::{Deserialize, Serialize};
+
+/// Learning-rate schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum LrSchedule {
+    /// The base rate after warm-up.
+    Constant,
+    /// Cosine from the base rate to `floor` over all optimizer steps, after linear warm-up.
+    Cosine { floor: f64 },
+    /// The tutorial's `CosineAnnealingLR(T_max = epochs, eta_min)` stepped once per epoch.
+    CosineEpoch { eta_min: f64 },
+}
+
+/// Trainer settings. `Default` reproduces the tutorial: AdamW lr 1e-4, weight decay 1e-2,
+/// 20 epochs, batch 4, gradient accumulation 4, per-epoch cosine to 1e-6, seed 202509.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// AdamW betas and epsilon (PyTorch defaults 0.9, 0.999, 1e-8).
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub epochs: usize,
+    /// Train exactly this many optimizer steps (running as many epochs as that takes) instead
+    /// of `epochs`.
+    pub max_steps: Option<usize>,
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step; gradients are averaged over them. A partial group at
+    /// the end of an epoch still makes a step (averaged over what it has), never carried over.
+    pub grad_accum: usize,
+    pub schedule: LrSchedule,
+    pub warmup_steps: usize,
+    /// Clip the global gradient norm to this (None = off). Default 1.0 (diffusers' scripts).
+    pub max_grad_norm: Option<f64>,
+    /// Min-SNR-gamma loss weighting (Hang et al. 2023; 5.0 is common). Default off.
+    pub min_snr_gamma: Option<f64>,
+    /// Noise offset (adds `offset · N(0, 1)` per sample and channel). Default 0.
+    pub noise_offset: f64,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-4,
+            weight_decay: 1e-2,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            epochs: 20,
+            max_steps: None,
+            batch_size: 4,
+            grad_accum: 4,
+            schedule: LrSchedule::CosineEpoch { eta_min: 1e-6 },
+            warmup_steps: 0,
+            max_grad_norm: Some(1.0),
+            min_snr_gamma: None,
+            noise_offset: 0.0,
+            seed: 202509,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Optimizer steps in one epoch of `n` examples.
+    pub fn steps_per_epoch(&self, n: usize) -> usize {
+        n.div_ceil(self.batch_size.max(1))
+            .div_ceil(self.grad_accum.max(1))
+    }
+
+    /// Total optimizer steps for `n` examples.
+    pub fn total_steps(&self, n: usize) -> usize {
+        self.max_steps
+            .unwrap_or(self.epochs * self.steps_per_epoch(n))
+    }
+
+    /// Learning rate at optimizer step `step` (0-based) in epoch `epoch`, `total` steps in all.
+    pub fn lr_at(&self, step: usize, epoch: usize, total: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        match self.schedule {
+            LrSchedule::Constant => self.lr,
+            LrSchedule::Cosine { floor } => {
+                let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
+                let t = ((step - self.warmup_steps) as f64 / span).min(1.0);
+                floor + (self.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+            LrSchedule::CosineEpoch { eta_min } => {
+                let t = epoch as f64 / self.epochs.max(1) as f64;
+                eta_min + (self.lr - eta_min) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+        }
+    }
+}
