@@ -287,3 +287,68 @@ fn a_diverging_run_stops_with_the_step_named() {
     )
     .is_err());
 }
+
+#[test]
+fn resume_from_a_checkpoint_is_bit_identical() {
+    use sd_lora::train::checkpoint;
+    let ckpt = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        lr: 1e-3,
+        batch_size: 2,
+        grad_accum: 1,
+        max_steps: Some(12),
+        ..Default::default()
+    };
+    // uninterrupted, checkpointing every 5 steps (step 5 is mid-epoch: 2 steps per epoch)
+    let (_d1, sd, cache) = setup();
+    let mut t = Trainer::new(&sd, cfg.clone()).unwrap();
+    t.checkpoints = Some((ckpt.path().to_path_buf(), 5));
+    t.train(&sd, &cache, &mut |_| {}).unwrap();
+    let want = lora_values(&sd);
+    for s in [5, 10, 12] {
+        assert!(
+            ckpt.path().join(checkpoint::file_name(s)).is_file(),
+            "checkpoint {s}"
+        );
+    }
+    // an interrupted write leaves only a dot-temp file, which resume ignores
+    std::fs::write(
+        ckpt.path().join(".checkpoint-000099.safetensors.tmp-1"),
+        b"partial",
+    )
+    .unwrap();
+    assert_eq!(
+        checkpoint::latest(ckpt.path()).unwrap().unwrap(),
+        ckpt.path().join(checkpoint::file_name(12))
+    );
+
+    // a fresh process resumes from step 5 and ends where the uninterrupted run ended
+    let (_d2, sd2, cache2) = setup();
+    let mut t2 = Trainer::new(
+        &sd2,
+        TrainConfig {
+            max_steps: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    t2.load_checkpoint(&ckpt.path().join(checkpoint::file_name(5)))
+        .unwrap();
+    assert_eq!((t2.step, t2.config.max_steps), (5, Some(12)));
+    t2.train(&sd2, &cache2, &mut |_| {}).unwrap();
+    let losses = |t: &Trainer| {
+        t.history
+            .iter()
+            .map(|r| (r.step, r.epoch, r.loss, r.lr))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(losses(&t2), losses(&t));
+    assert!(lora_values(&sd2) == want, "resumed adapter differs");
+
+    // damaged checkpoints are refused by name
+    let bad = ckpt.path().join("bad.safetensors");
+    let full = std::fs::read(ckpt.path().join(checkpoint::file_name(5))).unwrap();
+    std::fs::write(&bad, &full[..full.len() / 2]).unwrap();
+    let err = t2.load_checkpoint(&bad).unwrap_err().to_string();
+    assert!(err.contains("bad.safetensors"), "{err}");
+}

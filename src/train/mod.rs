@@ -2,6 +2,7 @@
 //! gradient accumulation, clipping, LR schedules, min-SNR weighting and noise offset, reporting
 //! the true (unscaled) loss of every optimizer step.
 
+pub mod checkpoint;
 pub mod config;
 pub mod optim;
 
@@ -108,7 +109,7 @@ impl FlipW for Tensor {
     }
 }
 
-fn randn(rng: &mut rand::rngs::StdRng, shape: &[usize], device: &Device) -> Result<Tensor> {
+fn randn<R: Rng>(rng: &mut R, shape: &[usize], device: &Device) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(device)?)
@@ -123,7 +124,13 @@ pub struct Trainer {
     pub step: usize,
     pub epoch: usize,
     pub history: Vec<StepRecord>,
-    rng: rand::rngs::StdRng,
+    /// The current epoch's shuffled example order and how many of its optimizer steps are done
+    /// (so a resumed run continues mid-epoch exactly).
+    pub(crate) epoch_order: Option<Vec<usize>>,
+    pub(crate) group_pos: usize,
+    /// Write a checkpoint to this folder every N optimizer steps and at the end.
+    pub checkpoints: Option<(std::path::PathBuf, usize)>,
+    pub(crate) rng: rand_chacha::ChaCha12Rng,
     noise: Scheduler,
 }
 
@@ -143,24 +150,27 @@ impl Trainer {
             config.weight_decay,
         )?;
         Ok(Self {
-            rng: rand::rngs::StdRng::seed_from_u64(config.seed),
+            rng: rand_chacha::ChaCha12Rng::seed_from_u64(config.seed),
             noise: Scheduler::new(SchedulerKind::Ddpm, &sd.scheduler_config, 1)?,
             config,
             optimizer,
             step: 0,
             epoch: 0,
             history: Vec::new(),
+            epoch_order: None,
+            group_pos: 0,
+            checkpoints: None,
         })
     }
 
     /// Denoising loss of `sd.unet` on examples `idx` of `cache` (true MSE, min-SNR weighted
     /// when configured), drawing flips, latent samples, noise and timesteps from `rng`.
-    pub fn loss(
+    pub fn loss<R: Rng>(
         &self,
         sd: &StableDiffusion,
         cache: &LatentCache,
         idx: &[usize],
-        rng: &mut rand::rngs::StdRng,
+        rng: &mut R,
     ) -> Result<Tensor> {
         let dev = &sd.device;
         let mut z = Vec::new();
@@ -226,13 +236,21 @@ impl Trainer {
         let cfg = self.config.clone();
         let total = cfg.total_steps(n);
         while self.step < total {
-            let mut order: Vec<usize> = (0..n).collect();
-            for i in (1..n).rev() {
-                order.swap(i, self.rng.random_range(0..=i));
-            }
+            let order = match &self.epoch_order {
+                Some(o) if o.len() == n => o.clone(),
+                _ => {
+                    let mut order: Vec<usize> = (0..n).collect();
+                    for i in (1..n).rev() {
+                        order.swap(i, self.rng.random_range(0..=i));
+                    }
+                    self.epoch_order = Some(order.clone());
+                    self.group_pos = 0;
+                    order
+                }
+            };
             let batches: Vec<Vec<usize>> =
                 order.chunks(cfg.batch_size).map(|c| c.to_vec()).collect();
-            for group in batches.chunks(cfg.grad_accum) {
+            for group in batches.chunks(cfg.grad_accum).skip(self.group_pos) {
                 if self.step >= total {
                     break;
                 }
@@ -294,6 +312,7 @@ impl Trainer {
                 }
                 self.optimizer.step(&grads, lr)?;
                 self.step += 1;
+                self.group_pos += 1;
                 let rec = StepRecord {
                     step: self.step,
                     epoch: self.epoch,
@@ -304,8 +323,20 @@ impl Trainer {
                 };
                 self.history.push(rec);
                 on_step(&rec);
+                if let Some((dir, every)) = &self.checkpoints {
+                    if *every > 0 && self.step % every == 0 && self.step < total {
+                        self.save_checkpoint(&dir.join(checkpoint::file_name(self.step)))?;
+                    }
+                }
             }
-            self.epoch += 1;
+            if self.group_pos >= batches.len().div_ceil(cfg.grad_accum) {
+                self.epoch += 1;
+                self.epoch_order = None;
+                self.group_pos = 0;
+            }
+        }
+        if let Some((dir, _)) = &self.checkpoints {
+            self.save_checkpoint(&dir.join(checkpoint::file_name(self.step)))?;
         }
         Ok(())
     }
