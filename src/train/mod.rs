@@ -324,7 +324,7 @@ impl Trainer {
                 self.history.push(rec);
                 on_step(&rec);
                 if let Some((dir, every)) = &self.checkpoints {
-                    if *every > 0 && self.step % every == 0 && self.step < total {
+                    if *every > 0 && self.step.is_multiple_of(*every) && self.step < total {
                         self.save_checkpoint(&dir.join(checkpoint::file_name(self.step)))?;
                     }
                 }
