@@ -205,3 +205,150 @@ pub fn generate(opts: GenerateOptions) -> Result<Vec<std::path::PathBuf>> {
     })?;
     images.save(&opts.out)
 }
+
+/// Everything `sd-lora train` needs.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub model: String,
+    pub variant: Option<String>,
+    pub data: std::path::PathBuf,
+    pub out: std::path::PathBuf,
+    pub lora: LoraConfig,
+    pub data_config: crate::data::DataConfig,
+    pub train: crate::train::TrainConfig,
+    /// Checkpoint every N optimizer steps (and always at the end).
+    pub save_every: Option<usize>,
+    pub resume: bool,
+}
+
+/// Trains a LoRA and writes `RUN_DIR/lora.safetensors` (kohya), `lora_peft.safetensors`,
+/// `checkpoints/` and `metrics.csv`. Returns a one-line summary.
+pub fn train(opts: TrainOptions) -> Result<String> {
+    use crate::data::ImageFolder;
+    use crate::lora::io::save_lora_with_metadata;
+    use crate::lora::LoraFormat;
+    use crate::pipeline::{LoadOptions, StableDiffusion};
+    use crate::train::{checkpoint, LatentCache, Trainer};
+    use std::io::Write;
+
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("cannot create run folder {}", opts.out.display()))?;
+    let data = ImageFolder::load(&opts.data, &opts.data_config)?;
+    for w in &data.warnings {
+        eprintln!("warning: {w}");
+    }
+    if data.len() < opts.train.batch_size {
+        eprintln!(
+            "warning: {} images for a batch size of {}: every batch is the whole (smaller) set",
+            data.len(),
+            opts.train.batch_size
+        );
+    }
+    let mut sd = StableDiffusion::load_with(&LoadOptions {
+        source: opts.model.clone(),
+        variant: opts.variant.clone(),
+        ..Default::default()
+    })?;
+    let summary = sd.unet.inject_lora(&opts.lora, &VarMap::new())?;
+    eprintln!("{summary}");
+    let cache = LatentCache::build(&sd, &data, opts.data_config.flip)?;
+    let mut trainer = Trainer::new(&sd, opts.train.clone())?;
+    let ckpt_dir = opts.out.join("checkpoints");
+    if opts.resume {
+        match checkpoint::latest(&ckpt_dir)? {
+            Some(p) => {
+                trainer.load_checkpoint(&p)?;
+                // the command line may extend the run
+                trainer.config.max_steps = opts.train.max_steps.or(trainer.config.max_steps);
+                trainer.config.epochs = opts.train.epochs;
+                eprintln!("resumed from {} (step {})", p.display(), trainer.step);
+            }
+            None => eprintln!("no checkpoint in {}: starting fresh", ckpt_dir.display()),
+        }
+    }
+    let total = trainer.config.total_steps(data.len());
+    trainer.checkpoints = Some((ckpt_dir, opts.save_every.unwrap_or(total.max(1))));
+    // metrics.csv: rewritten from the history (a resumed run keeps its earlier steps)
+    let metrics_path = opts.out.join("metrics.csv");
+    let mut metrics = std::fs::File::create(&metrics_path)
+        .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+    writeln!(metrics, "step,epoch,loss,lr,grad_norm,seconds")?;
+    for r in &trainer.history {
+        writeln!(
+            metrics,
+            "{},{},{},{},{},{}",
+            r.step, r.epoch, r.loss, r.lr, r.grad_norm, r.seconds
+        )?;
+    }
+    let started = std::time::Instant::now();
+    let first = trainer.step;
+    let mut io_err: Option<std::io::Error> = None;
+    trainer.train(&sd, &cache, &mut |r| {
+        if let Err(e) = writeln!(
+            metrics,
+            "{},{},{},{},{},{}",
+            r.step, r.epoch, r.loss, r.lr, r.grad_norm, r.seconds
+        )
+        .and_then(|_| metrics.flush())
+        {
+            io_err.get_or_insert(e);
+        }
+        let done = r.step - first;
+        let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let eta = (total - r.step) as f64 / rate.max(1e-9);
+        eprint!(
+            "\rstep {}/{total} epoch {} loss {:.4} lr {:.2e} {:.2} it/s ETA {:.0} s   ",
+            r.step, r.epoch, r.loss, r.lr, rate, eta
+        );
+    })?;
+    eprintln!();
+    if let Some(e) = io_err {
+        return Err(anyhow::anyhow!(e).context(format!("writing {}", metrics_path.display())));
+    }
+    let layers = sd.unet.linears()?;
+    let mut meta = std::collections::HashMap::new();
+    let c = &trainer.config;
+    for (k, v) in [
+        ("ss_learning_rate", c.lr.to_string()),
+        ("ss_unet_lr", c.lr.to_string()),
+        ("ss_num_epochs", c.epochs.to_string()),
+        ("ss_max_train_steps", total.to_string()),
+        ("ss_train_batch_size", c.batch_size.to_string()),
+        ("ss_gradient_accumulation_steps", c.grad_accum.to_string()),
+        ("ss_lr_scheduler", format!("{:?}", c.schedule)),
+        ("ss_lr_warmup_steps", c.warmup_steps.to_string()),
+        ("ss_seed", c.seed.to_string()),
+        ("ss_num_train_images", data.len().to_string()),
+        (
+            "ss_resolution",
+            format!("({}, {})", opts.data_config.width, opts.data_config.height),
+        ),
+        (
+            "ss_min_snr_gamma",
+            c.min_snr_gamma.map_or("None".into(), |g| g.to_string()),
+        ),
+        ("ss_noise_offset", c.noise_offset.to_string()),
+        ("ss_training_comment", "trained with sd-lora".into()),
+    ] {
+        meta.insert(k.to_string(), v);
+    }
+    save_lora_with_metadata(
+        &layers,
+        LoraFormat::Kohya,
+        opts.out.join("lora.safetensors"),
+        &meta,
+    )?;
+    save_lora_with_metadata(
+        &layers,
+        LoraFormat::Peft,
+        opts.out.join("lora_peft.safetensors"),
+        &Default::default(),
+    )?;
+    let last = trainer.history.last().map_or(f64::NAN, |r| r.loss);
+    Ok(format!(
+        "trained {} steps on {} images; last loss {last:.4}; wrote {}/lora.safetensors and lora_peft.safetensors",
+        trainer.step,
+        data.len(),
+        opts.out.display()
+    ))
+}

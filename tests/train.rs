@@ -352,3 +352,114 @@ fn resume_from_a_checkpoint_is_bit_identical() {
     let err = t2.load_checkpoint(&bad).unwrap_err().to_string();
     assert!(err.contains("bad.safetensors"), "{err}");
 }
+
+#[test]
+fn cli_train_writes_files_and_resumes() {
+    let dir = tiny_pipeline();
+    let imgs = dir.path().join("images");
+    write_images(&imgs);
+    let run = tempfile::tempdir().unwrap();
+    let out = run.path().join("run");
+    let base = |steps: &str| {
+        vec![
+            "train".to_string(),
+            "--model".into(),
+            dir.path().to_str().unwrap().into(),
+            "--variant".into(),
+            "fp16".into(),
+            "--data".into(),
+            imgs.to_str().unwrap().into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+            "--resolution".into(),
+            "32".into(),
+            "--rank".into(),
+            "4".into(),
+            "--batch-size".into(),
+            "2".into(),
+            "--grad-accum".into(),
+            "1".into(),
+            "--lr".into(),
+            "1e-3".into(),
+            "--max-steps".into(),
+            steps.into(),
+            "--save-every".into(),
+            "3".into(),
+            "--caption".into(),
+            "a red circle".into(),
+        ]
+    };
+    let run_cli = |args: Vec<String>| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sd-lora"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run_cli(base("6"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "lora.safetensors",
+        "lora_peft.safetensors",
+        "metrics.csv",
+        "checkpoints/checkpoint-000003.safetensors",
+        "checkpoints/checkpoint-000006.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .count(),
+        7
+    );
+    // the kohya file carries the training settings and loads back into the model
+    let bytes = std::fs::read(out.join("lora.safetensors")).unwrap();
+    let (_, h) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = h.metadata().clone().unwrap();
+    assert_eq!(
+        (
+            meta["ss_network_dim"].as_str(),
+            meta["ss_network_alpha"].as_str(),
+            meta["ss_max_train_steps"].as_str()
+        ),
+        ("4", "8", "6")
+    );
+    let mut sd =
+        StableDiffusion::from_folder(dir.path(), Some("fp16"), DType::F32, &Device::Cpu).unwrap();
+    let lf = sd_lora::lora::LoraFile::read(
+        out.join("lora.safetensors"),
+        &sd.unet.linear_names().unwrap(),
+    )
+    .unwrap();
+    let s = sd.unet.apply_lora_file(&lf, &VarMap::new()).unwrap();
+    assert_eq!(
+        s.lora_layers, 24,
+        "q,k,v of attn1 and attn2 in the fixture's 4 transformers"
+    );
+    // --resume extends the run from the last checkpoint
+    let mut args = base("8");
+    args.push("--resume".into());
+    let o = run_cli(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("resumed from"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .count(),
+        9
+    );
+    assert!(out
+        .join("checkpoints/checkpoint-000008.safetensors")
+        .is_file());
+    // bad input
+    let mut args = base("2");
+    args[6] = "/no/such/images".into();
+    let o = run_cli(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("/no/such/images") && !err.contains("panicked"),
+        "{err}"
+    );
+}

@@ -64,6 +64,8 @@ enum Cmd {
     },
     /// Generates images with a Stable Diffusion pipeline (optionally with a LoRA).
     Generate(GenerateArgs),
+    /// Trains a LoRA on an image folder.
+    Train(TrainArgs),
 }
 
 #[derive(clap::Args)]
@@ -115,6 +117,68 @@ struct GenerateArgs {
     /// Output PNG; several images become <stem>-0.png, <stem>-1.png, ...
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// A diffusers folder or a Hugging Face repo id.
+    #[arg(long, default_value = sd_lora::pipeline::DEFAULT_MODEL)]
+    model: String,
+    /// Image folder (png, jpg, jpeg, webp).
+    #[arg(long)]
+    data: PathBuf,
+    /// Run folder: lora.safetensors (kohya), lora_peft.safetensors, checkpoints/, metrics.csv.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// Default 2 x rank.
+    #[arg(long)]
+    alpha: Option<f64>,
+    #[arg(long, default_value = "to_q,to_k,to_v")]
+    targets: String,
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+    /// Train this many optimizer steps instead of --epochs.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 4)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 1e-2)]
+    weight_decay: f64,
+    /// cosine-epoch (the tutorial's), cosine or constant.
+    #[arg(long, default_value = "cosine-epoch")]
+    lr_scheduler: String,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    /// Square training resolution in pixels.
+    #[arg(long, default_value_t = 512)]
+    resolution: usize,
+    /// empty, sidecar (<image>.txt), or a fixed caption text.
+    #[arg(long, default_value = "empty")]
+    caption: String,
+    #[arg(long, default_value_t = 202509)]
+    seed: u64,
+    /// Checkpoint every N optimizer steps (and at the end).
+    #[arg(long)]
+    save_every: Option<usize>,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    no_flip: bool,
+    #[arg(long)]
+    skip_bad_images: bool,
+    #[arg(long)]
+    min_snr_gamma: Option<f64>,
+    #[arg(long, default_value_t = 0.0)]
+    noise_offset: f64,
+    #[arg(long)]
+    variant: Option<String>,
 }
 
 fn main() {
@@ -208,6 +272,52 @@ fn run() -> Result<()> {
             for p in cli::generate(opts)? {
                 println!("{}", p.display());
             }
+        }
+        Cmd::Train(a) => {
+            use sd_lora::train::{LrSchedule, TrainConfig};
+            let schedule = match a.lr_scheduler.as_str() {
+                "cosine-epoch" => LrSchedule::CosineEpoch { eta_min: 1e-6 },
+                "cosine" => LrSchedule::Cosine { floor: 0.0 },
+                "constant" => LrSchedule::Constant,
+                other => bail!("unknown --lr-scheduler `{other}` (cosine-epoch, cosine, constant)"),
+            };
+            let opts = cli::TrainOptions {
+                model: a.model,
+                variant: a.variant,
+                data: a.data,
+                out: a.out,
+                lora: sd_lora::lora::LoraConfig::new(
+                    a.rank,
+                    a.alpha.unwrap_or(2.0 * a.rank as f64),
+                )
+                .with_targets(&sd_lora::lora::LoraConfig::parse_targets(&a.targets))
+                .with_seed(a.seed),
+                data_config: sd_lora::data::DataConfig {
+                    width: a.resolution,
+                    height: a.resolution,
+                    flip: !a.no_flip,
+                    captions: sd_lora::data::CaptionSource::parse(&a.caption),
+                    recursive: false,
+                    skip_bad_images: a.skip_bad_images,
+                },
+                train: TrainConfig {
+                    lr: a.lr,
+                    weight_decay: a.weight_decay,
+                    epochs: a.epochs,
+                    max_steps: a.max_steps,
+                    batch_size: a.batch_size,
+                    grad_accum: a.grad_accum,
+                    schedule,
+                    warmup_steps: a.warmup_steps,
+                    min_snr_gamma: a.min_snr_gamma,
+                    noise_offset: a.noise_offset,
+                    seed: a.seed,
+                    ..Default::default()
+                },
+                save_every: a.save_every,
+                resume: a.resume,
+            };
+            println!("{}", cli::train(opts)?);
         }
     }
     Ok(())

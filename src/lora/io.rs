@@ -313,6 +313,16 @@ pub fn write_safetensors_atomic(
 /// diffusers' `save_lora_weights` layout with `lora_adapter_metadata`; `Kohya` writes
 /// `lora_unet_*` with `.alpha`).
 pub fn save_lora(layers: &[LoraLinear], format: LoraFormat, path: impl AsRef<Path>) -> Result<()> {
+    save_lora_with_metadata(layers, format, path, &HashMap::new())
+}
+
+/// [`save_lora`] plus extra safetensors metadata (e.g. kohya's `ss_*` training settings).
+pub fn save_lora_with_metadata(
+    layers: &[LoraLinear],
+    format: LoraFormat,
+    path: impl AsRef<Path>,
+    extra: &HashMap<String, String>,
+) -> Result<()> {
     let path = path.as_ref();
     let mut tensors = BTreeMap::new();
     let mut ranks: BTreeMap<usize, usize> = BTreeMap::new();
@@ -401,6 +411,9 @@ pub fn save_lora(layers: &[LoraLinear], format: LoraFormat, path: impl AsRef<Pat
             meta.insert("ss_network_alpha".into(), alpha.to_string());
             meta.insert("ss_base_model_version".into(), "sd_v1".into());
         }
+    }
+    for (k, v) in extra {
+        meta.insert(k.clone(), v.clone());
     }
     write_safetensors_atomic(&tensors, Some(meta), path)
 }
