@@ -352,3 +352,95 @@ pub fn train(opts: TrainOptions) -> Result<String> {
         opts.out.display()
     ))
 }
+
+/// A UNet with the structure of `model` and no weights, for resolving LoRA module names.
+fn meta_unet(model: &str) -> Result<UNet2DConditionModel> {
+    UNet2DConditionModel::meta(&unet_config(model)?)
+}
+
+/// `sd-lora inspect-lora`: format, layers, ranks, alphas, targets, parameters and metadata.
+pub fn inspect_lora(path: &Path, model: &str) -> Result<String> {
+    let unet = meta_unet(model)?;
+    let file = LoraFile::read(path, &unet.linear_names()?)?;
+    let mut ranks: Vec<usize> = file.modules.iter().map(|m| m.a.dims()[0]).collect();
+    ranks.sort();
+    ranks.dedup();
+    let mut alphas: Vec<String> = file
+        .modules
+        .iter()
+        .map(|m| format!("{}", m.alpha))
+        .collect();
+    alphas.sort();
+    alphas.dedup();
+    let mut kinds: Vec<&str> = file
+        .modules
+        .iter()
+        .filter_map(|m| {
+            crate::lora::INJECTABLE
+                .iter()
+                .find(|k| crate::lora::target_matches(k, &m.module))
+                .copied()
+        })
+        .collect();
+    kinds.sort();
+    kinds.dedup();
+    let params: usize = file
+        .modules
+        .iter()
+        .map(|m| m.a.elem_count() + m.b.elem_count())
+        .sum();
+    let bytes = std::fs::read(path)?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut meta: Vec<(String, String)> = header
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    meta.sort();
+    let mut out = format!(
+        "file:        {}\nformat:      {:?}\nlayers:      {}\nrank:        {}\nalpha:       {}\ntargets:     {}\nparameters:  {}\n",
+        path.display(),
+        file.format,
+        file.modules.len(),
+        ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", "),
+        alphas.join(", "),
+        kinds.join(", "),
+        crate::lora::group_digits(params)
+    );
+    if !file.skipped.is_empty() {
+        out.push_str(&format!(
+            "text encoder tensors (not applied): {}\n",
+            file.skipped.len()
+        ));
+    }
+    for (k, v) in meta {
+        let v = if v.len() > 200 {
+            format!("{}...", &v[..200])
+        } else {
+            v
+        };
+        out.push_str(&format!("meta {k}: {v}\n"));
+    }
+    Ok(out)
+}
+
+/// `sd-lora convert`: any readable LoRA file to kohya or PEFT/diffusers format.
+pub fn convert_lora(
+    input: &Path,
+    to: crate::lora::LoraFormat,
+    out: &Path,
+    model: &str,
+) -> Result<String> {
+    let mut unet = meta_unet(model)?;
+    let file = LoraFile::read(input, &unet.linear_names()?)?;
+    let s = unet.apply_lora_file(&file, &VarMap::new())?;
+    crate::lora::io::save_lora(&unet.linears()?, to, out)?;
+    Ok(format!(
+        "wrote {} ({to:?}, {} layers, {} parameters)",
+        out.display(),
+        s.lora_layers,
+        s.trainable_params
+    ))
+}

@@ -235,3 +235,68 @@ fn bad_inputs_give_clear_errors() {
         "no output written by failed runs"
     );
 }
+
+#[test]
+fn convert_and_inspect_lora_files() {
+    use candle_core::{DType, Device};
+    use sd_lora::prelude::*;
+    let dir = tempfile::tempdir().unwrap();
+    let model = golden("unet_a");
+    let m = model.to_str().unwrap();
+    let kohya = golden("unet_a/lora_kohya.safetensors");
+    let o = sd_lora(&["inspect-lora", kohya.to_str().unwrap(), "--model", m]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success()
+            && text.contains("Kohya")
+            && text.contains("layers:      84")
+            && text.contains("rank:        2, 4"),
+        "{text}"
+    );
+    // kohya -> peft -> kohya, each loads to diffusers' LoRA output
+    let peft = dir.path().join("p.safetensors");
+    let back = dir.path().join("k.safetensors");
+    for (input, to, out) in [(&kohya, "peft", &peft), (&peft, "kohya", &back)] {
+        let o = sd_lora(&[
+            "convert",
+            input.to_str().unwrap(),
+            "--to",
+            to,
+            "--out",
+            out.to_str().unwrap(),
+            "--model",
+            m,
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let t =
+        candle_core::safetensors::load(golden("unet_a/inputs_square_b2.safetensors"), &Device::Cpu)
+            .unwrap();
+    let want =
+        candle_core::safetensors::load(golden("unet_a/lora_square_b2.safetensors"), &Device::Cpu)
+            .unwrap()["sample"]
+            .clone();
+    for f in [&peft, &back] {
+        let mut u = UNet2DConditionModel::load(&model, None, DType::F32, &Device::Cpu).unwrap();
+        let lf = LoraFile::read(f, &u.linear_names().unwrap()).unwrap();
+        u.apply_lora_file(&lf, &VarMap::new()).unwrap();
+        let y = u
+            .forward(&t["sample"], &t["timestep"], &t["encoder_hidden_states"])
+            .unwrap();
+        let e = common::rel_err(&y, &want);
+        assert!(e < 1e-4, "{}: {e}", f.display());
+    }
+    fails_with(
+        &sd_lora(&[
+            "convert",
+            kohya.to_str().unwrap(),
+            "--to",
+            "lycoris",
+            "--out",
+            "x",
+            "--model",
+            m,
+        ]),
+        &["lycoris"],
+    );
+}

@@ -66,6 +66,24 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Trains a LoRA on an image folder.
     Train(TrainArgs),
+    /// Describes a LoRA file: format, layers, rank, alpha, targets, parameters, metadata.
+    InspectLora {
+        file: PathBuf,
+        /// UNet structure used to resolve kohya names: sd15, tiny, a folder or config.json.
+        #[arg(long, default_value = "sd15")]
+        model: String,
+    },
+    /// Converts a LoRA file between formats (kohya <-> peft/diffusers).
+    Convert {
+        input: PathBuf,
+        /// kohya or peft.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "sd15")]
+        model: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -318,6 +336,15 @@ fn run() -> Result<()> {
                 resume: a.resume,
             };
             println!("{}", cli::train(opts)?);
+        }
+        Cmd::InspectLora { file, model } => print!("{}", cli::inspect_lora(&file, &model)?),
+        Cmd::Convert {
+            input,
+            to,
+            out,
+            model,
+        } => {
+            println!("{}", cli::convert_lora(&input, to.parse()?, &out, &model)?)
         }
     }
     Ok(())
