@@ -420,3 +420,31 @@ fn lora_linear_computes_the_documented_formula() {
     let _ = Var::from_tensor(&a); // A and B are Vars; the base is not
     assert!(!l.weight().is_variable());
 }
+
+#[test]
+fn diffusers_reproduces_our_unet_output_from_our_files() {
+    // tests/golden/make_golden_ours.py: diffusers loaded these files (written by
+    // examples/make_ours_lora.rs) with no missing/unexpected layers and recorded its output
+    let t = load("unet_a/inputs_square_b2.safetensors");
+    let want = load("ours/diffusers_output.safetensors");
+    for fmt in ["kohya", "peft"] {
+        let mut u =
+            UNet2DConditionModel::load(golden("unet_a"), None, DType::F32, &Device::Cpu).unwrap();
+        let lf = LoraFile::read(
+            golden(&format!("ours/lora_{fmt}.safetensors")),
+            &u.linear_names().unwrap(),
+        )
+        .unwrap();
+        let s = u.apply_lora_file(&lf, &VarMap::new()).unwrap();
+        assert_eq!(
+            s.lora_layers,
+            7 * 10,
+            "{fmt}: q,k,v,out of 2 attentions + proj_in + ff.net.2, 7 transformers"
+        );
+        let y = u
+            .forward(&t["sample"], &t["timestep"], &t["encoder_hidden_states"])
+            .unwrap();
+        let e = rel_err(&y, &want[fmt]);
+        assert!(e < 1e-4, "{fmt}: {e}");
+    }
+}

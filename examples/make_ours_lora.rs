@@ -1,0 +1,46 @@
+//! Writes LoRA files made by sd-lora (both formats) for tests/golden/make_golden_ours.py, which
+//! checks that diffusers loads them with no missing or unexpected keys and records its output.
+//!
+//!     cargo run --release --example make_ours_lora
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use sd_lora::lora::io::save_lora;
+use sd_lora::prelude::*;
+
+fn main() -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/data");
+    let mut u = UNet2DConditionModel::load(root.join("unet_a"), None, DType::F32, &Device::Cpu)?;
+    let cfg = LoraConfig::new(4, 6.0)
+        .with_targets(&["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"])
+        .with_init(LoraInit::KaimingUniform)
+        .with_seed(7);
+    u.inject_lora(&cfg, &VarMap::new())?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for (name, v) in u.lora_vars()? {
+        if name.ends_with("lora_B.weight") {
+            let vals: Vec<f32> = (0..v.elem_count())
+                .map(|_| StandardNormal.sample(&mut rng))
+                .collect::<Vec<f32>>()
+                .iter()
+                .map(|x| x * 0.2)
+                .collect();
+            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu)?)?;
+        }
+    }
+    let out = root.join("ours");
+    std::fs::create_dir_all(&out)?;
+    save_lora(
+        &u.linears()?,
+        LoraFormat::Kohya,
+        out.join("lora_kohya.safetensors"),
+    )?;
+    save_lora(
+        &u.linears()?,
+        LoraFormat::Peft,
+        out.join("lora_peft.safetensors"),
+    )?;
+    println!("wrote {}", out.display());
+    Ok(())
+}

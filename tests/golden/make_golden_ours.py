@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""diffusers loads sd-lora's own LoRA files (kohya and PEFT formats, written by
+`cargo run --release --example make_ours_lora`) with no missing or unexpected keys; its UNet
+output with them is recorded for tests/lora.rs to compare against.
+
+    ~/.cache/sd-lora/golden-venv/bin/python tests/golden/make_golden_ours.py
+"""
+import os
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from safetensors.torch import load_file, save_file
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+torch.set_num_threads(2)
+inp = load_file(os.path.join(DATA, "unet_a", "inputs_square_b2.safetensors"))
+out = {}
+for fmt in ("kohya", "peft"):
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(DATA, "unet_a", "unet")).eval()
+    path = os.path.join(DATA, "ours", f"lora_{fmt}.safetensors")
+    sd, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(path, return_lora_metadata=False) \
+        if fmt == "kohya" else (None, None)
+    if fmt == "kohya":
+        unet.load_lora_adapter(sd, network_alphas=alphas, prefix="unet")
+        n_file = len([k for k in load_file(path) if k.endswith("lora_down.weight")])
+    else:
+        res = StableDiffusionLoraLoaderMixin.lora_state_dict(path, return_lora_metadata=True)
+        sd, meta = res[0], res[-1]  # (state_dict, network_alphas, metadata)
+        assert meta is not None, "our lora_adapter_metadata was not picked up"
+        unet.load_lora_adapter(sd, prefix="unet", metadata=meta)
+        n_file = len([k for k in load_file(path) if k.endswith("lora_A.weight")])
+    n_loaded = len([n for n, _ in unet.named_parameters() if "lora_A" in n])
+    assert n_loaded == n_file, f"{fmt}: {n_loaded} LoRA layers loaded, {n_file} in the file"
+    with torch.no_grad():
+        out[f"{fmt}"] = unet(inp["sample"], inp["timestep"], inp["encoder_hidden_states"]).sample.contiguous()
+err = (out["kohya"] - out["peft"]).abs().max().item()
+assert err < 1e-5, f"the two formats disagree in diffusers: {err}"
+save_file(out, os.path.join(DATA, "ours", "diffusers_output.safetensors"))
+print("diffusers loaded both files; formats agree to", err)
