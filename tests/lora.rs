@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use common::{golden, load, rel_err};
+use common::{golden, load, max_abs_diff, rel_err};
 use sd_lora::lora::io::save_lora;
 use sd_lora::prelude::*;
 use std::path::Path;
@@ -187,14 +187,7 @@ fn fresh_adapter_leaves_the_model_unchanged_and_b_gets_gradient() {
     u.inject_lora(&LoraConfig::default(), &VarMap::new())
         .unwrap();
     let after = u.forward(&x, &t, &c).unwrap();
-    let d = (before - &after)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&before, &after);
     assert_eq!(d, 0.0, "B = 0 must give exactly the base output");
     let loss = (after - target).unwrap().sqr().unwrap().mean_all().unwrap();
     let grads = loss.backward().unwrap();

@@ -3,8 +3,11 @@
 //! serve as our implementation (no backward through its softmax/LayerNorm, private fields, no
 //! latent mean/log-variance), but its forward passes are an independent check at full size.
 
+mod common;
+
 use candle_core::{DType, Device, Module, Tensor};
 use candle_transformers::models::stable_diffusion as ct;
+use common::rel_err;
 use sd_lora::text::{ClipTextConfig, ClipTextModel};
 use sd_lora::vae::{AutoencoderKL, VaeConfig};
 use sd_lora::weights::{ParamRecord, WeightSource};
@@ -29,24 +32,6 @@ fn random_checkpoint(records: &[ParamRecord], dir: &std::path::Path) -> std::pat
     let p = dir.join("weights.safetensors");
     candle_core::safetensors::save(&map, &p).unwrap();
     p
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    d / b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

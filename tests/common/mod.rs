@@ -16,6 +16,18 @@ pub fn load(path: &str) -> HashMap<String, Tensor> {
         .unwrap_or_else(|e| panic!("cannot read fixture {path}: {e}"))
 }
 
+/// max|a - b|.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// max|a - b| / max|b|.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
