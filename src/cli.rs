@@ -219,13 +219,57 @@ pub struct TrainOptions {
     /// Checkpoint every N optimizer steps (and always at the end).
     pub save_every: Option<usize>,
     pub resume: bool,
+    /// Sample images during training (None = off).
+    pub samples: Option<SampleOptions>,
+    /// Precision of the LoRA files (F32, F16 or BF16).
+    pub save_dtype: DType,
+    /// Keep latents and text embeddings in `RUN_DIR/cache/` for the next run.
+    pub disk_cache: bool,
+}
+
+/// Samples during training: every `every` optimizer steps and at the end, one image per prompt
+/// (seed = its index, so the same prompt always starts from the same noise), DDIM, guidance
+/// 7.5, at the training resolution, to `RUN_DIR/samples/step-NNNNNN-<prompt index>.png`.
+#[derive(Debug, Clone)]
+pub struct SampleOptions {
+    pub every: usize,
+    pub prompts: Vec<String>,
+    /// Denoising steps per sample. CLI default 20.
+    pub steps: usize,
+}
+
+/// `512` or `640x480` → (width, height).
+pub fn parse_resolution(s: &str) -> Result<(usize, usize)> {
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0 && n.is_multiple_of(8))
+            .with_context(|| {
+                format!("--resolution `{s}`: expected a multiple of 8 such as 512 or 640x480")
+            })
+    };
+    match s.split_once(['x', 'X']) {
+        Some((w, h)) => Ok((parse(w)?, parse(h)?)),
+        None => parse(s).map(|n| (n, n)),
+    }
+}
+
+/// `f32`, `f16` or `bf16` for saved LoRA files.
+pub fn parse_save_dtype(s: &str) -> Result<DType> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" | "fp32" | "float" => Ok(DType::F32),
+        "f16" | "fp16" | "half" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => bail!("unknown --save-dtype `{other}` (f32, f16, bf16)"),
+    }
 }
 
 /// Trains a LoRA and writes `RUN_DIR/lora.safetensors` (kohya), `lora_peft.safetensors`,
 /// `checkpoints/` and `metrics.csv`. Returns a one-line summary.
 pub fn train(opts: TrainOptions) -> Result<String> {
     use crate::data::ImageFolder;
-    use crate::lora::io::save_lora_with_metadata;
+    use crate::lora::io::save_lora_as;
     use crate::lora::LoraFormat;
     use crate::pipeline::{LoadOptions, StableDiffusion};
     use crate::train::{checkpoint, LatentCache, Trainer};
@@ -251,10 +295,36 @@ pub fn train(opts: TrainOptions) -> Result<String> {
     })?;
     let summary = sd.unet.inject_lora(&opts.lora, &VarMap::new())?;
     eprintln!("{summary}");
-    let cache = LatentCache::build(&sd, &data, opts.data_config.flip)?;
+    let cache_file = opts.out.join(format!(
+        "cache/latents-{}x{}.safetensors",
+        opts.data_config.width, opts.data_config.height
+    ));
+    let (cache, stats) = LatentCache::build_cached(
+        &sd,
+        &data,
+        opts.data_config.flip,
+        opts.disk_cache.then_some(cache_file.as_path()),
+    )?;
+    for w in &stats.warnings {
+        eprintln!("warning: {w}");
+    }
+    eprintln!(
+        "latent cache: {} images encoded, {} from {}, {} captions encoded",
+        stats.images_encoded,
+        stats.images_reused,
+        if opts.disk_cache {
+            cache_file.display().to_string()
+        } else {
+            "disk (off)".into()
+        },
+        stats.texts_encoded
+    );
     let mut trainer = Trainer::new(&sd, opts.train.clone())?;
     let ckpt_dir = opts.out.join("checkpoints");
     if opts.resume {
+        for d in [&opts.out, &ckpt_dir, &opts.out.join("cache")] {
+            checkpoint::remove_stale_temp_files(d)?;
+        }
         match checkpoint::latest(&ckpt_dir)? {
             Some(p) => {
                 trainer.load_checkpoint(&p)?;
@@ -280,6 +350,36 @@ pub fn train(opts: TrainOptions) -> Result<String> {
             r.step, r.epoch, r.loss, r.lr, r.grad_norm, r.seconds
         )?;
     }
+    let sample = |step: usize| -> Result<()> {
+        let Some(s) = &opts.samples else {
+            return Ok(());
+        };
+        for (i, prompt) in s.prompts.iter().enumerate() {
+            let images = sd.generate(&crate::pipeline::GenerateConfig {
+                prompt: prompt.clone(),
+                steps: s.steps,
+                seed: i as u64,
+                width: opts.data_config.width,
+                height: opts.data_config.height,
+                ..Default::default()
+            })?;
+            images.save(
+                opts.out
+                    .join("samples")
+                    .join(format!("step-{step:06}-{i}.png")),
+            )?;
+        }
+        Ok(())
+    };
+    if let Some(s) = &opts.samples {
+        if s.prompts.is_empty() || s.every == 0 {
+            bail!("--sample-every needs N >= 1 and at least one --sample-prompt");
+        }
+        if trainer.step == 0 {
+            sample(0).context("writing the step-0 samples")?;
+        }
+    }
+    let sample_every = opts.samples.as_ref().map_or(0, |s| s.every);
     let started = std::time::Instant::now();
     let first = trainer.step;
     let mut io_err: Option<std::io::Error> = None;
@@ -300,6 +400,11 @@ pub fn train(opts: TrainOptions) -> Result<String> {
             "\rstep {}/{total} epoch {} loss {:.4} lr {:.2e} {:.2} it/s ETA {:.0} s   ",
             r.step, r.epoch, r.loss, r.lr, rate, eta
         );
+        if sample_every > 0 && (r.step.is_multiple_of(sample_every) || r.step == total) {
+            if let Err(e) = sample(r.step) {
+                eprintln!("\nwarning: samples at step {} failed: {e:#}", r.step);
+            }
+        }
     })?;
     eprintln!();
     if let Some(e) = io_err {
@@ -332,15 +437,21 @@ pub fn train(opts: TrainOptions) -> Result<String> {
     ] {
         meta.insert(k.to_string(), v);
     }
-    save_lora_with_metadata(
+    meta.insert(
+        "ss_save_precision".into(),
+        format!("{:?}", opts.save_dtype).to_lowercase(),
+    );
+    save_lora_as(
         &layers,
         LoraFormat::Kohya,
+        opts.save_dtype,
         opts.out.join("lora.safetensors"),
         &meta,
     )?;
-    save_lora_with_metadata(
+    save_lora_as(
         &layers,
         LoraFormat::Peft,
+        opts.save_dtype,
         opts.out.join("lora_peft.safetensors"),
         &Default::default(),
     )?;
@@ -430,15 +541,16 @@ pub fn inspect_lora(path: &Path, model: &str) -> Result<String> {
 pub fn convert_lora(
     input: &Path,
     to: crate::lora::LoraFormat,
+    dtype: DType,
     out: &Path,
     model: &str,
 ) -> Result<String> {
     let mut unet = meta_unet(model)?;
     let file = LoraFile::read(input, &unet.linear_names()?)?;
     let s = unet.apply_lora_file(&file, &VarMap::new())?;
-    crate::lora::io::save_lora(&unet.linears()?, to, out)?;
+    crate::lora::io::save_lora_as(&unet.linears()?, to, dtype, out, &Default::default())?;
     Ok(format!(
-        "wrote {} ({to:?}, {} layers, {} parameters)",
+        "wrote {} ({to:?}, {dtype:?}, {} layers, {} parameters)",
         out.display(),
         s.lora_layers,
         s.trainable_params

@@ -19,14 +19,20 @@ pub enum CaptionSource {
 }
 
 impl CaptionSource {
-    /// `empty`, `sidecar`, or any other text = that fixed caption.
+    /// `empty`, `sidecar` (fallback: empty), `sidecar:<fallback text>`, or any other text =
+    /// that fixed caption.
     pub fn parse(s: &str) -> Self {
         match s {
             "empty" | "" => Self::Empty,
             "sidecar" => Self::Sidecar {
                 fallback: String::new(),
             },
-            other => Self::Fixed(other.to_string()),
+            other => match other.strip_prefix("sidecar:") {
+                Some(fallback) => Self::Sidecar {
+                    fallback: fallback.to_string(),
+                },
+                None => Self::Fixed(other.to_string()),
+            },
         }
     }
 }
@@ -138,21 +144,21 @@ pub fn image_to_tensor(img: &image::RgbImage, device: &Device) -> Result<Tensor>
         .contiguous()?)
 }
 
-fn read_caption(path: &Path, source: &CaptionSource) -> Result<String> {
+/// The caption of `path`, and whether a sidecar was expected but missing.
+fn read_caption(path: &Path, source: &CaptionSource) -> Result<(String, bool)> {
     Ok(match source {
-        CaptionSource::Empty => String::new(),
-        CaptionSource::Fixed(t) => t.clone(),
+        CaptionSource::Empty => (String::new(), false),
+        CaptionSource::Fixed(t) => (t.clone(), false),
         CaptionSource::Sidecar { fallback } => {
             let txt = path.with_extension("txt");
             if txt.is_file() {
                 let bytes = std::fs::read(&txt)
                     .with_context(|| format!("cannot read caption {}", txt.display()))?;
-                String::from_utf8(bytes)
-                    .map_err(|_| anyhow::anyhow!("caption {} is not UTF-8 text", txt.display()))?
-                    .trim()
-                    .to_string()
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| anyhow::anyhow!("caption {} is not UTF-8 text", txt.display()))?;
+                (text.trim().to_string(), false)
             } else {
-                fallback.clone()
+                (fallback.clone(), true)
             }
         }
     })
@@ -190,15 +196,18 @@ impl ImageFolder {
         }
         let mut examples = Vec::new();
         let mut warnings = Vec::new();
+        let mut skipped = 0;
+        let mut no_sidecar: Vec<PathBuf> = Vec::new();
         for p in paths {
             let img = match image::open(&p) {
                 Ok(i) => i,
                 Err(e) if cfg.skip_bad_images => {
                     warnings.push(format!("skipped {}: {e}", p.display()));
+                    skipped += 1;
                     continue;
                 }
                 Err(e) => bail!(
-                    "cannot read image {}: {e} (use skip_bad_images to skip such files)",
+                    "cannot read image {}: {e} (--skip-bad-images / DataConfig::skip_bad_images skips such files)",
                     p.display()
                 ),
             };
@@ -214,17 +223,33 @@ impl ImageFolder {
                 ));
             }
             let cropped = resize_and_crop(&rgb, cfg.width as u32, cfg.height as u32, (0.5, 0.5));
+            let (caption, missing) = read_caption(&p, &cfg.captions)?;
+            if missing {
+                no_sidecar.push(p.with_extension("txt"));
+            }
             examples.push(Example {
-                caption: read_caption(&p, &cfg.captions)?,
+                caption,
                 pixels: image_to_tensor(&cropped, &Device::Cpu)?,
                 path: p,
             });
         }
+        if skipped > 0 {
+            warnings.push(format!("skipped {skipped} unreadable file(s)"));
+        }
+        if let (Some(first), CaptionSource::Sidecar { fallback }) =
+            (no_sidecar.first(), &cfg.captions)
+        {
+            warnings.push(format!(
+                "{} of {} images have no caption sidecar (first: {}); they use the fallback caption {fallback:?}",
+                no_sidecar.len(),
+                examples.len(),
+                first.display()
+            ));
+        }
         if examples.is_empty() {
             bail!(
-                "every image in {} was unreadable ({} skipped)",
-                dir.display(),
-                warnings.len()
+                "every image in {} was unreadable ({skipped} skipped)",
+                dir.display()
             );
         }
         Ok(Self {

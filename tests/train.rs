@@ -4,27 +4,12 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use common::tiny_pipeline;
+use common::{tiny_pipeline, write_images};
 use rand::SeedableRng;
 use sd_lora::data::{CaptionSource, DataConfig, ImageFolder};
 use sd_lora::lora::{LoraConfig, LoraModel};
 use sd_lora::pipeline::StableDiffusion;
 use sd_lora::train::{LatentCache, LrSchedule, TrainConfig, Trainer};
-use std::path::Path;
-
-fn write_images(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    for i in 0..4u8 {
-        let img = image::RgbImage::from_fn(40, 30, |x, y| {
-            image::Rgb([
-                (x as u8).wrapping_mul(6).wrapping_add(i * 60),
-                (y as u8) * 8,
-                200 - i * 40,
-            ])
-        });
-        img.save(dir.join(format!("img{i}.png"))).unwrap();
-    }
-}
 
 #[test]
 fn lr_schedules_and_step_counts() {
@@ -96,10 +81,12 @@ fn image_folders_load_convert_and_fail_clearly() {
     assert!(cap.contains(&"a red thing") && cap.contains(&"fallback"));
     assert_eq!(
         data.warnings.len(),
-        1,
-        "the 16x16 image is upscaled: {:?}",
+        2,
+        "the 16x16 image is upscaled; 7 sidecars are missing: {:?}",
         data.warnings
     );
+    assert!(data.warnings[0].contains("gray.png is 16x16, upscaled"));
+    assert!(data.warnings[1].contains("7 of 8 images have no caption sidecar"));
     let px: Vec<f32> = data
         .examples
         .iter()
@@ -354,112 +341,66 @@ fn resume_from_a_checkpoint_is_bit_identical() {
 }
 
 #[test]
-fn cli_train_writes_files_and_resumes() {
-    let dir = tiny_pipeline();
+fn the_disk_cache_is_reused_keyed_by_content_and_rebuilt_when_corrupt() {
+    let (dir, sd, mem) = setup();
     let imgs = dir.path().join("images");
-    write_images(&imgs);
-    let run = tempfile::tempdir().unwrap();
-    let out = run.path().join("run");
-    let base = |steps: &str| {
-        vec![
-            "train".to_string(),
-            "--model".into(),
-            dir.path().to_str().unwrap().into(),
-            "--variant".into(),
-            "fp16".into(),
-            "--data".into(),
-            imgs.to_str().unwrap().into(),
-            "--out".into(),
-            out.to_str().unwrap().into(),
-            "--resolution".into(),
-            "32".into(),
-            "--rank".into(),
-            "4".into(),
-            "--batch-size".into(),
-            "2".into(),
-            "--grad-accum".into(),
-            "1".into(),
-            "--lr".into(),
-            "1e-3".into(),
-            "--max-steps".into(),
-            steps.into(),
-            "--save-every".into(),
-            "3".into(),
-            "--caption".into(),
-            "a red circle".into(),
-        ]
+    let cfg = DataConfig {
+        width: 32,
+        height: 32,
+        captions: CaptionSource::Fixed("a red circle".into()),
+        ..Default::default()
     };
-    let run_cli = |args: Vec<String>| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_sd-lora"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let o = run_cli(base("6"));
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for f in [
-        "lora.safetensors",
-        "lora_peft.safetensors",
-        "metrics.csv",
-        "checkpoints/checkpoint-000003.safetensors",
-        "checkpoints/checkpoint-000006.safetensors",
-    ] {
-        assert!(out.join(f).is_file(), "{f} missing");
+    let data = ImageFolder::load(&imgs, &cfg).unwrap();
+    let file = dir.path().join("cache/latents.safetensors");
+    let (a, s1) = LatentCache::build_cached(&sd, &data, true, Some(&file)).unwrap();
+    assert_eq!(
+        (s1.images_encoded, s1.images_reused, s1.texts_encoded),
+        (4, 0, 1)
+    );
+    let (b, s2) = LatentCache::build_cached(&sd, &data, true, Some(&file)).unwrap();
+    assert_eq!(
+        (s2.images_encoded, s2.images_reused, s2.texts_encoded),
+        (0, 4, 0)
+    );
+    // from disk = freshly encoded = the in-memory build
+    for (x, y) in [(&a, &b), (&a, &mem)] {
+        for i in 0..4 {
+            assert_eq!(common::max_abs_diff(&x.latents[i].0, &y.latents[i].0), 0.0);
+            assert_eq!(common::max_abs_diff(&x.flipped[i].1, &y.flipped[i].1), 0.0);
+            assert_eq!(
+                common::max_abs_diff(&x.embeddings[i], &y.embeddings[i]),
+                0.0
+            );
+        }
     }
-    assert_eq!(
-        std::fs::read_to_string(out.join("metrics.csv"))
-            .unwrap()
-            .lines()
-            .count(),
-        7
-    );
-    // the kohya file carries the training settings and loads back into the model
-    let bytes = std::fs::read(out.join("lora.safetensors")).unwrap();
-    let (_, h) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let meta = h.metadata().clone().unwrap();
-    assert_eq!(
-        (
-            meta["ss_network_dim"].as_str(),
-            meta["ss_network_alpha"].as_str(),
-            meta["ss_max_train_steps"].as_str()
-        ),
-        ("4", "8", "6")
-    );
-    let mut sd =
-        StableDiffusion::from_folder(dir.path(), Some("fp16"), DType::F32, &Device::Cpu).unwrap();
-    let lf = sd_lora::lora::LoraFile::read(
-        out.join("lora.safetensors"),
-        &sd.unet.linear_names().unwrap(),
+    // a changed image, another caption or another resolution misses the cache
+    image::RgbImage::from_pixel(40, 30, image::Rgb([1, 2, 3]))
+        .save(imgs.join("img0.png"))
+        .unwrap();
+    let data = ImageFolder::load(&imgs, &cfg).unwrap();
+    let (_, s3) = LatentCache::build_cached(&sd, &data, true, Some(&file)).unwrap();
+    assert_eq!((s3.images_encoded, s3.images_reused), (1, 3));
+    let data = ImageFolder::load(
+        &imgs,
+        &DataConfig {
+            width: 24,
+            captions: CaptionSource::Fixed("a blue square".into()),
+            ..cfg.clone()
+        },
     )
     .unwrap();
-    let s = sd.unet.apply_lora_file(&lf, &VarMap::new()).unwrap();
+    let (_, s4) = LatentCache::build_cached(&sd, &data, false, Some(&file)).unwrap();
     assert_eq!(
-        s.lora_layers, 24,
-        "q,k,v of attn1 and attn2 in the fixture's 4 transformers"
+        (s4.images_encoded, s4.images_reused, s4.texts_encoded),
+        (4, 0, 1)
     );
-    // --resume extends the run from the last checkpoint
-    let mut args = base("8");
-    args.push("--resume".into());
-    let o = run_cli(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success() && err.contains("resumed from"), "{err}");
-    assert_eq!(
-        std::fs::read_to_string(out.join("metrics.csv"))
-            .unwrap()
-            .lines()
-            .count(),
-        9
-    );
-    assert!(out
-        .join("checkpoints/checkpoint-000008.safetensors")
-        .is_file());
-    // bad input
-    let mut args = base("2");
-    args[6] = "/no/such/images".into();
-    let o = run_cli(args);
-    let err = String::from_utf8_lossy(&o.stderr);
+    // corrupt file: a warning and a rebuild
+    std::fs::write(&file, b"not safetensors").unwrap();
+    let (_, s5) = LatentCache::build_cached(&sd, &data, false, Some(&file)).unwrap();
+    assert_eq!(s5.images_encoded, 4);
     assert!(
-        !o.status.success() && err.contains("/no/such/images") && !err.contains("panicked"),
-        "{err}"
+        s5.warnings[0].contains("unreadable") && s5.warnings[0].contains("latents.safetensors"),
+        "{:?}",
+        s5.warnings
     );
 }

@@ -83,6 +83,9 @@ enum Cmd {
         out: PathBuf,
         #[arg(long, default_value = "sd15")]
         model: String,
+        /// f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        save_dtype: String,
     },
 }
 
@@ -173,9 +176,12 @@ struct TrainArgs {
     lr_scheduler: String,
     #[arg(long, default_value_t = 0)]
     warmup_steps: usize,
-    /// Square training resolution in pixels.
-    #[arg(long, default_value_t = 512)]
-    resolution: usize,
+    /// Training resolution in pixels: `512` (square) or `WIDTHxHEIGHT` (multiples of 8).
+    #[arg(long, default_value = "512")]
+    resolution: String,
+    /// Also read images in sub-folders.
+    #[arg(long)]
+    recursive: bool,
     /// empty, sidecar (<image>.txt), or a fixed caption text.
     #[arg(long, default_value = "empty")]
     caption: String,
@@ -197,6 +203,20 @@ struct TrainArgs {
     noise_offset: f64,
     #[arg(long)]
     variant: Option<String>,
+    /// Write sample images to RUN_DIR/samples every N optimizer steps (and at the end).
+    #[arg(long)]
+    sample_every: Option<usize>,
+    /// Prompt for the samples; repeat for several (each gets its own fixed seed).
+    #[arg(long)]
+    sample_prompt: Vec<String>,
+    #[arg(long, default_value_t = 20)]
+    sample_steps: usize,
+    /// Precision of the saved LoRA files: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    save_dtype: String,
+    /// Do not keep the VAE latents / text embeddings in RUN_DIR/cache.
+    #[arg(long)]
+    no_disk_cache: bool,
 }
 
 fn main() {
@@ -299,6 +319,7 @@ fn run() -> Result<()> {
                 "constant" => LrSchedule::Constant,
                 other => bail!("unknown --lr-scheduler `{other}` (cosine-epoch, cosine, constant)"),
             };
+            let (width, height) = cli::parse_resolution(&a.resolution)?;
             let opts = cli::TrainOptions {
                 model: a.model,
                 variant: a.variant,
@@ -311,11 +332,11 @@ fn run() -> Result<()> {
                 .with_targets(&sd_lora::lora::LoraConfig::parse_targets(&a.targets))
                 .with_seed(a.seed),
                 data_config: sd_lora::data::DataConfig {
-                    width: a.resolution,
-                    height: a.resolution,
+                    width,
+                    height,
                     flip: !a.no_flip,
                     captions: sd_lora::data::CaptionSource::parse(&a.caption),
-                    recursive: false,
+                    recursive: a.recursive,
                     skip_bad_images: a.skip_bad_images,
                 },
                 train: TrainConfig {
@@ -334,6 +355,16 @@ fn run() -> Result<()> {
                 },
                 save_every: a.save_every,
                 resume: a.resume,
+                samples: match a.sample_every {
+                    Some(every) => Some(cli::SampleOptions {
+                        every,
+                        prompts: a.sample_prompt,
+                        steps: a.sample_steps,
+                    }),
+                    None => None,
+                },
+                save_dtype: cli::parse_save_dtype(&a.save_dtype)?,
+                disk_cache: !a.no_disk_cache,
             };
             println!("{}", cli::train(opts)?);
         }
@@ -343,8 +374,13 @@ fn run() -> Result<()> {
             to,
             out,
             model,
+            save_dtype,
         } => {
-            println!("{}", cli::convert_lora(&input, to.parse()?, &out, &model)?)
+            let dtype = cli::parse_save_dtype(&save_dtype)?;
+            println!(
+                "{}",
+                cli::convert_lora(&input, to.parse()?, dtype, &out, &model)?
+            )
         }
     }
     Ok(())

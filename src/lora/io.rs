@@ -323,6 +323,21 @@ pub fn save_lora_with_metadata(
     path: impl AsRef<Path>,
     extra: &HashMap<String, String>,
 ) -> Result<()> {
+    save_lora_as(layers, format, DType::F32, path, extra)
+}
+
+/// [`save_lora_with_metadata`] storing every tensor (kohya's `.alpha` scalars included, as
+/// kohya's `--save_precision` does) in `dtype`: F32 (default), F16 (half the size) or BF16.
+pub fn save_lora_as(
+    layers: &[LoraLinear],
+    format: LoraFormat,
+    dtype: DType,
+    path: impl AsRef<Path>,
+    extra: &HashMap<String, String>,
+) -> Result<()> {
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        bail!("LoRA files can be saved as f32, f16 or bf16, not {dtype:?}");
+    }
     let path = path.as_ref();
     let mut tensors = BTreeMap::new();
     let mut ranks: BTreeMap<usize, usize> = BTreeMap::new();
@@ -330,8 +345,8 @@ pub fn save_lora_with_metadata(
     for l in layers {
         let Some(ad) = l.adapter() else { continue };
         let (mut a, mut b) = (
-            ad.a.as_tensor().to_device(&Device::Cpu)?,
-            ad.b.as_tensor().to_device(&Device::Cpu)?,
+            ad.a.as_tensor().to_device(&Device::Cpu)?.to_dtype(dtype)?,
+            ad.b.as_tensor().to_device(&Device::Cpu)?.to_dtype(dtype)?,
         );
         if l.is_conv1x1() {
             a = a.unsqueeze(2)?.unsqueeze(3)?;
@@ -348,7 +363,7 @@ pub fn save_lora_with_metadata(
                 let k = format!("lora_unet_{}", l.name().replace('.', "_"));
                 tensors.insert(
                     format!("{k}.alpha"),
-                    Tensor::new(ad.alpha as f32, &Device::Cpu)?,
+                    Tensor::new(ad.alpha as f32, &Device::Cpu)?.to_dtype(dtype)?,
                 );
                 tensors.insert(format!("{k}.lora_down.weight"), a);
                 tensors.insert(format!("{k}.lora_up.weight"), b);

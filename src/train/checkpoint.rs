@@ -40,6 +40,23 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
     Ok(best.map(|(_, p)| p))
 }
 
+/// Deletes temporary files that killed atomic writes left in `dir` (`.<name>.safetensors.tmp-*`).
+/// Call it only when no other process is writing to `dir`.
+pub fn remove_stale_temp_files(dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let p = e?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with('.') && name.contains(".safetensors.tmp-") {
+            std::fs::remove_file(&p)
+                .with_context(|| format!("cannot remove stale temporary file {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

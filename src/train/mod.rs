@@ -2,6 +2,7 @@
 //! gradient accumulation, clipping, LR schedules, min-SNR weighting and noise offset, reporting
 //! the true (unscaled) loss of every optimizer step.
 
+pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod optim;
@@ -10,13 +11,12 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
-use std::collections::HashMap;
 use std::time::Instant;
 
+pub use cache::{CacheStats, LatentCache};
 pub use config::{LrSchedule, TrainConfig};
 pub use optim::AdamW;
 
-use crate::data::ImageFolder;
 use crate::lora::LoraModel;
 use crate::pipeline::StableDiffusion;
 use crate::scheduler::{Scheduler, SchedulerKind};
@@ -36,68 +36,7 @@ pub struct StepRecord {
     pub seconds: f64,
 }
 
-/// Encoded training data: VAE latent distributions (and of the flipped images) and text
-/// embeddings, computed once so later epochs never run the VAE or text encoder.
-#[derive(Debug, Clone)]
-pub struct LatentCache {
-    /// Per example: (mean, logvar), each `[C, h, w]`.
-    pub latents: Vec<(Tensor, Tensor)>,
-    /// The same for horizontally flipped images (empty when flips are off).
-    pub flipped: Vec<(Tensor, Tensor)>,
-    /// Per example: text embedding `[T, D]`.
-    pub embeddings: Vec<Tensor>,
-}
-
-impl LatentCache {
-    /// Encodes every image (and its mirror image when `flip`) and every distinct caption.
-    pub fn build(sd: &StableDiffusion, data: &ImageFolder, flip: bool) -> Result<Self> {
-        let mut latents = Vec::new();
-        let mut flipped = Vec::new();
-        let mut by_caption: HashMap<String, Tensor> = HashMap::new();
-        let mut embeddings = Vec::new();
-        for ex in &data.examples {
-            let x = ex.pixels.to_device(&sd.device)?.unsqueeze(0)?;
-            let d = sd
-                .vae
-                .encode(&x)
-                .with_context(|| format!("VAE-encoding {}", ex.path.display()))?;
-            latents.push((
-                d.mean.squeeze(0)?.to_dtype(DType::F32)?,
-                d.logvar.squeeze(0)?.to_dtype(DType::F32)?,
-            ));
-            if flip {
-                let d = sd.vae.encode(&x.flip_w()?)?;
-                flipped.push((
-                    d.mean.squeeze(0)?.to_dtype(DType::F32)?,
-                    d.logvar.squeeze(0)?.to_dtype(DType::F32)?,
-                ));
-            }
-            let e = match by_caption.get(&ex.caption) {
-                Some(e) => e.clone(),
-                None => {
-                    let e = sd.encode_prompts(&[ex.caption.as_str()])?.squeeze(0)?;
-                    by_caption.insert(ex.caption.clone(), e.clone());
-                    e
-                }
-            };
-            embeddings.push(e);
-        }
-        Ok(Self {
-            latents,
-            flipped,
-            embeddings,
-        })
-    }
-
-    pub fn len(&self) -> usize {
-        self.latents.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.latents.is_empty()
-    }
-}
-
-trait FlipW {
+pub(crate) trait FlipW {
     fn flip_w(&self) -> Result<Tensor>;
 }
 impl FlipW for Tensor {

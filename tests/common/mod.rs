@@ -87,3 +87,18 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// Four small RGB images (40x30) with distinct colours in `dir`.
+pub fn write_images(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..4u8 {
+        let img = image::RgbImage::from_fn(40, 30, |x, y| {
+            image::Rgb([
+                (x as u8).wrapping_mul(6).wrapping_add(i * 60),
+                (y as u8) * 8,
+                200 - i * 40,
+            ])
+        });
+        img.save(dir.join(format!("img{i}.png"))).unwrap();
+    }
+}

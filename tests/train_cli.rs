@@ -1,0 +1,395 @@
+//! `sd-lora train` end to end on the tiny diffusers fixture: run folder, samples, disk cache,
+//! f16 files, resume, SIGKILL at random moments, a failing checkpoint write, bad input.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::{tiny_pipeline, write_images};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The fixture pipeline with four training images, and a run folder.
+struct Setup {
+    model: tempfile::TempDir,
+    images: PathBuf,
+    runs: tempfile::TempDir,
+}
+
+fn setup() -> Setup {
+    let model = tiny_pipeline();
+    let images = model.path().join("images");
+    write_images(&images);
+    Setup {
+        model,
+        images,
+        runs: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl Setup {
+    /// `train` arguments for run folder `run`, `steps` optimizer steps, a checkpoint every step
+    /// unless `extra` says otherwise.
+    fn args(&self, run: &str, steps: usize, extra: &[&str]) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "train",
+            "--model",
+            self.model.path().to_str().unwrap(),
+            "--variant",
+            "fp16",
+            "--data",
+            self.images.to_str().unwrap(),
+            "--out",
+            self.out(run).to_str().unwrap(),
+            "--resolution",
+            "32",
+            "--rank",
+            "4",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "1",
+            "--lr",
+            "1e-3",
+            "--caption",
+            "a red circle",
+            "--max-steps",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.push(steps.to_string());
+        // options in `extra` replace the defaults above
+        for opt in extra.iter().filter(|o| o.starts_with("--")) {
+            if let Some(i) = a.iter().position(|x| x == opt) {
+                a.drain(i..i + 2);
+            }
+        }
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+    fn out(&self, run: &str) -> PathBuf {
+        self.runs.path().join(run)
+    }
+}
+
+fn sd_lora(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sd-lora"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    err
+}
+
+fn fails_with(o: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    for n in needles {
+        assert!(err.contains(n), "error should mention `{n}`: {err}");
+    }
+}
+
+fn lines(p: &Path) -> usize {
+    std::fs::read_to_string(p).unwrap().lines().count()
+}
+
+fn tensors(p: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(p, &Device::Cpu).unwrap()
+}
+
+fn same_tensors(a: &Path, b: &Path) -> bool {
+    let (a, b) = (tensors(a), tensors(b));
+    a.len() == b.len()
+        && a.iter().all(|(k, x)| {
+            let y = &b[k];
+            let f = |t: &candle_core::Tensor| {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            x.dims() == y.dims() && f(x) == f(y)
+        })
+}
+
+#[test]
+fn cli_train_writes_files_samples_and_resumes() {
+    let s = setup();
+    let out = s.out("run");
+    let err = ok(&sd_lora(&s.args(
+        "run",
+        6,
+        &[
+            "--save-every",
+            "3",
+            "--sample-every",
+            "3",
+            "--sample-prompt",
+            "a red circle",
+            "--sample-prompt",
+            "a blue square",
+            "--sample-steps",
+            "2",
+            "--save-dtype",
+            "f16",
+        ],
+    )));
+    assert!(err.contains("4 images encoded, 0 from"), "{err}");
+    for f in [
+        "lora.safetensors",
+        "lora_peft.safetensors",
+        "metrics.csv",
+        "checkpoints/checkpoint-000003.safetensors",
+        "checkpoints/checkpoint-000006.safetensors",
+        "cache/latents-32x32.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    for step in [0, 3, 6] {
+        for p in 0..2 {
+            let f = out.join(format!("samples/step-{step:06}-{p}.png"));
+            let img = image::open(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            assert_eq!((img.width(), img.height()), (32, 32));
+        }
+    }
+    assert_eq!(lines(&out.join("metrics.csv")), 7);
+    // f16 files: every tensor (kohya's alpha too) is f16, and the kohya file carries the
+    // training settings
+    for f in ["lora.safetensors", "lora_peft.safetensors"] {
+        assert!(tensors(&out.join(f))
+            .values()
+            .all(|t| t.dtype() == DType::F16));
+    }
+    let bytes = std::fs::read(out.join("lora.safetensors")).unwrap();
+    let (_, h) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = h.metadata().clone().unwrap();
+    assert_eq!(
+        (
+            meta["ss_network_dim"].as_str(),
+            meta["ss_network_alpha"].as_str(),
+            meta["ss_max_train_steps"].as_str(),
+            meta["ss_save_precision"].as_str()
+        ),
+        ("4", "8", "6", "f16")
+    );
+    // ...and loads back into the model
+    let mut sd = sd_lora::pipeline::StableDiffusion::from_folder(
+        s.model.path(),
+        Some("fp16"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    use sd_lora::lora::LoraModel;
+    let lf = sd_lora::lora::LoraFile::read(
+        out.join("lora.safetensors"),
+        &sd.unet.linear_names().unwrap(),
+    )
+    .unwrap();
+    let summary = sd
+        .unet
+        .apply_lora_file(&lf, &candle_nn::VarMap::new())
+        .unwrap();
+    assert_eq!(
+        summary.lora_layers, 24,
+        "q,k,v of attn1 and attn2 in the fixture's 4 transformers"
+    );
+    // --resume extends the run from the last checkpoint, without re-encoding anything
+    let err = ok(&sd_lora(&s.args(
+        "run",
+        8,
+        &["--save-every", "3", "--resume"],
+    )));
+    assert!(err.contains("resumed from"), "{err}");
+    assert!(err.contains("0 images encoded, 4 from"), "{err}");
+    assert!(err.contains("0 captions encoded"), "{err}");
+    assert_eq!(lines(&out.join("metrics.csv")), 9);
+    assert!(out
+        .join("checkpoints/checkpoint-000008.safetensors")
+        .is_file());
+}
+
+/// SIGKILL at many moments (loading, caching, training, checkpointing, saving), then
+/// `--resume` until done: the adapter equals that of an uninterrupted run bit for bit.
+#[test]
+fn sigkill_at_random_moments_then_resume_gives_the_identical_adapter() {
+    let s = setup();
+    ok(&sd_lora(&s.args("whole", 8, &["--save-every", "1"])));
+    let args = s.args("killed", 8, &["--save-every", "1", "--resume"]);
+    // how long one uninterrupted run takes, to spread the kills over it
+    let t = std::time::Instant::now();
+    ok(&sd_lora(&s.args("timing", 8, &["--save-every", "1"])));
+    let span = t.elapsed().as_millis() as u64;
+    let mut kills = 0;
+    let mut finished = false;
+    for i in 0..40u64 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sd-lora"))
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // a deterministic spread of moments over the run
+        let wait = (i * 7919 + 13) % span.max(1) / 2;
+        std::thread::sleep(std::time::Duration::from_millis(wait));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        let status = child.wait().unwrap();
+        if status.success() {
+            finished = true;
+            break;
+        }
+        // whatever the moment, the newest checkpoint is complete and loads
+        let ckpts = s.out("killed").join("checkpoints");
+        if let Some(p) = sd_lora::train::checkpoint::latest(&ckpts).unwrap() {
+            safetensors::SafeTensors::deserialize(&std::fs::read(&p).unwrap())
+                .unwrap_or_else(|e| panic!("{} is half-written: {e}", p.display()));
+        }
+    }
+    if !finished {
+        ok(&sd_lora(&args));
+    }
+    assert!(kills >= 3, "only {kills} kills landed during a run");
+    eprintln!("{kills} SIGKILLs over a {span} ms run");
+    for f in ["lora.safetensors", "lora_peft.safetensors"] {
+        assert!(
+            same_tensors(&s.out("whole").join(f), &s.out("killed").join(f)),
+            "{f} differs after {kills} kills"
+        );
+    }
+    assert_eq!(lines(&s.out("killed").join("metrics.csv")), 9);
+    // no temporary files left behind by killed writes
+    let litter: Vec<_> = ["", "checkpoints", "cache"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(s.out("killed").join(d)).unwrap())
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(litter.is_empty(), "{litter:?}");
+}
+
+/// A write that fails part-way (here: a file-size limit, as a full disk would) stops the run
+/// with an error naming the file and leaves the previous checkpoint intact and loadable.
+#[test]
+fn a_failed_checkpoint_write_keeps_the_previous_checkpoint() {
+    let s = setup();
+    ok(&sd_lora(&s.args("run", 2, &["--save-every", "2"])));
+    let ckpts = s.out("run").join("checkpoints");
+    let good = ckpts.join("checkpoint-000002.safetensors");
+    let before = std::fs::read(&good).unwrap();
+    let size_kb = before.len() / 1024;
+    // limit files to half a checkpoint (metrics.csv stays far below); ignore SIGXFSZ so the
+    // write fails with EFBIG instead of killing the process
+    let args: Vec<String> = s
+        .args(
+            "run",
+            4,
+            &["--save-every", "2", "--resume", "--no-disk-cache"],
+        )
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect();
+    let script = format!(
+        "trap '' XFSZ; ulimit -f {}; exec '{}' {}",
+        size_kb, // in 512-byte blocks under sh: half the checkpoint
+        env!("CARGO_BIN_EXE_sd-lora"),
+        args.join(" ")
+    );
+    let o = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    fails_with(&o, &["checkpoint-000004.safetensors"]);
+    assert_eq!(
+        std::fs::read(&good).unwrap(),
+        before,
+        "previous checkpoint changed"
+    );
+    assert!(!ckpts.join("checkpoint-000004.safetensors").exists());
+    assert_eq!(
+        sd_lora::train::checkpoint::latest(&ckpts).unwrap(),
+        Some(good)
+    );
+    // and the run still resumes from it
+    ok(&sd_lora(&s.args(
+        "run",
+        4,
+        &["--save-every", "2", "--resume"],
+    )));
+    assert!(ckpts.join("checkpoint-000004.safetensors").is_file());
+}
+
+#[test]
+fn bad_train_inputs_give_clear_messages() {
+    let s = setup();
+    // missing and empty image folders
+    fails_with(
+        &sd_lora(&s.args("r1", 2, &["--data", "/no/such/images"])),
+        &["/no/such/images"],
+    );
+    let empty = s.runs.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(empty.join("notes.md"), "not an image").unwrap();
+    let e = empty.to_str().unwrap();
+    fails_with(
+        &sd_lora(&s.args("r1", 2, &["--data", e])),
+        &["no images", e],
+    );
+    // a broken image names the file; --skip-bad-images warns and counts it
+    std::fs::write(s.images.join("broken.png"), b"\x89PNG\r\n\x1a\ntruncated").unwrap();
+    fails_with(&sd_lora(&s.args("r2", 1, &[])), &["broken.png"]);
+    let err = ok(&sd_lora(&s.args("r3", 1, &["--skip-bad-images"])));
+    assert!(
+        err.contains("broken.png") && err.contains("skipped 1"),
+        "{err}"
+    );
+    std::fs::remove_file(s.images.join("broken.png")).unwrap();
+    // fewer images than the batch: a warning, and the run works
+    let err = ok(&sd_lora(&s.args("r4", 1, &["--batch-size", "8"])));
+    assert!(err.contains("4 images for a batch size of 8"), "{err}");
+    // sidecar captions: a missing sidecar is reported, a non-UTF-8 one is an error naming it
+    let err = ok(&sd_lora(&s.args("r5", 1, &["--caption", "sidecar"])));
+    assert!(err.contains("img0.txt"), "{err}");
+    std::fs::write(s.images.join("img1.txt"), b"caf\xe9").unwrap();
+    fails_with(
+        &sd_lora(&s.args("r6", 1, &["--caption", "sidecar"])),
+        &["img1.txt", "UTF-8"],
+    );
+    std::fs::remove_file(s.images.join("img1.txt")).unwrap();
+    // settings
+    fails_with(
+        &sd_lora(&s.args("r7", 1, &["--resolution", "30"])),
+        &["--resolution", "30"],
+    );
+    fails_with(
+        &sd_lora(&s.args("r8", 1, &["--save-dtype", "f8"])),
+        &["--save-dtype", "f8"],
+    );
+    fails_with(
+        &sd_lora(&s.args("r9", 1, &["--sample-every", "2"])),
+        &["--sample-prompt"],
+    );
+    fails_with(
+        &sd_lora(&s.args("r10", 1, &["--lr-scheduler", "linear"])),
+        &["--lr-scheduler", "linear"],
+    );
+    fails_with(
+        &sd_lora(&s.args("r11", 1, &["--lr", "0"])),
+        &["learning rate"],
+    );
+    // a corrupt disk cache is rebuilt with a warning, never trusted
+    let out = s.out("r12");
+    ok(&sd_lora(&s.args("r12", 1, &[])));
+    std::fs::write(out.join("cache/latents-32x32.safetensors"), b"garbage").unwrap();
+    let err = ok(&sd_lora(&s.args("r12", 1, &[])));
+    assert!(
+        err.contains("unreadable") && err.contains("4 images encoded"),
+        "{err}"
+    );
+}
