@@ -255,16 +255,6 @@ pub fn parse_resolution(s: &str) -> Result<(usize, usize)> {
     }
 }
 
-/// `f32`, `f16` or `bf16` for saved LoRA files.
-pub fn parse_save_dtype(s: &str) -> Result<DType> {
-    match s.to_ascii_lowercase().as_str() {
-        "f32" | "fp32" | "float" => Ok(DType::F32),
-        "f16" | "fp16" | "half" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        other => bail!("unknown --save-dtype `{other}` (f32, f16, bf16)"),
-    }
-}
-
 /// Trains a LoRA and writes `RUN_DIR/lora.safetensors` (kohya), `lora_peft.safetensors`,
 /// `checkpoints/` and `metrics.csv`. Returns a one-line summary.
 pub fn train(opts: TrainOptions) -> Result<String> {

@@ -7,6 +7,7 @@
 //!
 //! Notebooks start with `use sd_lora::prelude::*;`.
 
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod lora;

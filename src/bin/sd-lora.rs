@@ -87,6 +87,26 @@ enum Cmd {
         #[arg(long, default_value = "f32")]
         save_dtype: String,
     },
+    /// Times a LoRA training step (`train`) or a 20-step generation (`generate`) on the CPU.
+    Bench {
+        /// train or generate.
+        what: String,
+        /// tiny, sd15, a UNet config.json or a diffusers folder (random weights unless a full
+        /// pipeline folder for `generate`).
+        #[arg(long, default_value = "tiny")]
+        model: String,
+        /// Latent side; pixels = latent x the VAE factor.
+        #[arg(long, default_value_t = 32)]
+        latent: usize,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Timed steps after one warm-up.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Print one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -363,10 +383,36 @@ fn run() -> Result<()> {
                     }),
                     None => None,
                 },
-                save_dtype: cli::parse_save_dtype(&a.save_dtype)?,
+                save_dtype: cli::parse_dtype(&a.save_dtype).context("--save-dtype")?,
                 disk_cache: !a.no_disk_cache,
             };
             println!("{}", cli::train(opts)?);
+        }
+        Cmd::Bench {
+            what,
+            model,
+            latent,
+            batch,
+            steps,
+            json,
+        } => {
+            let cfg = sd_lora::bench::BenchConfig {
+                model,
+                latent,
+                batch,
+                steps,
+                warmup: 1,
+            };
+            let report = match what.as_str() {
+                "train" => sd_lora::bench::bench_train(&cfg)?,
+                "generate" => sd_lora::bench::bench_generate(&cfg)?,
+                other => bail!("unknown benchmark `{other}` (train or generate)"),
+            };
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{report}");
+            }
         }
         Cmd::InspectLora { file, model } => print!("{}", cli::inspect_lora(&file, &model)?),
         Cmd::Convert {
@@ -376,7 +422,7 @@ fn run() -> Result<()> {
             model,
             save_dtype,
         } => {
-            let dtype = cli::parse_save_dtype(&save_dtype)?;
+            let dtype = cli::parse_dtype(&save_dtype).context("--save-dtype")?;
             println!(
                 "{}",
                 cli::convert_lora(&input, to.parse()?, dtype, &out, &model)?

@@ -4,4 +4,4 @@ pub mod clip;
 pub mod tokenizer;
 
 pub use clip::{ClipTextConfig, ClipTextModel};
-pub use tokenizer::{write_clip_vocab, ClipTokenizer};
+pub use tokenizer::{default_clip_bpe, write_clip_vocab, ClipTokenizer};

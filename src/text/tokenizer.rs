@@ -246,3 +246,15 @@ impl ClipTokenizer {
         )?)
     }
 }
+
+/// Where `scripts/fetch-clip-bpe.sh` puts OpenAI's CLIP BPE list:
+/// `$SD_LORA_CACHE/clip-bpe/bpe_simple_vocab_16e6.txt.gz` (default `~/.cache/sd-lora`).
+pub fn default_clip_bpe() -> std::path::PathBuf {
+    let base = std::env::var("SD_LORA_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/sd-lora")
+        });
+    base.join("clip-bpe/bpe_simple_vocab_16e6.txt.gz")
+}

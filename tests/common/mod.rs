@@ -53,12 +53,7 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
 
 /// OpenAI's CLIP BPE list, fetched by scripts/fetch-clip-bpe.sh (part of scripts/test.sh).
 pub fn clip_bpe() -> PathBuf {
-    let base = std::env::var("SD_LORA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/sd-lora")
-        });
-    let p = base.join("clip-bpe/bpe_simple_vocab_16e6.txt.gz");
+    let p = sd_lora::text::default_clip_bpe();
     assert!(
         p.is_file(),
         "{} is missing: run scripts/fetch-clip-bpe.sh",
