@@ -5,7 +5,7 @@
 //! from the model as built, not from a hand-kept table.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{safetensors::MmapedSafetensors, DType, Device, Shape, Tensor};
+use candle_core::{safetensors::MmapedSafetensors, DType, Device, Shape, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -49,6 +49,8 @@ pub struct WeightSource {
     dtype: DType,
     device: Device,
     records: Rc<RefCell<Vec<ParamRecord>>>,
+    /// Full-parameter mode: every tensor handed out is a `Var`, listed here by checkpoint key.
+    vars: Option<Rc<RefCell<Vec<(String, Var)>>>>,
 }
 
 impl WeightSource {
@@ -59,7 +61,25 @@ impl WeightSource {
             dtype,
             device: device.clone(),
             records: Rc::new(RefCell::new(Vec::new())),
+            vars: None,
         }
+    }
+
+    /// Full-parameter mode: every tensor this source (and its views) hands out from now on is
+    /// a trainable `Var`, so a model built from it trains all its weights (the frozen fast
+    /// paths step aside for tracked weights). Collect them with [`Self::vars`].
+    pub fn trainable(mut self) -> Self {
+        self.vars = Some(Rc::new(RefCell::new(Vec::new())));
+        self
+    }
+
+    /// The trainable tensors handed out so far, by checkpoint key (empty unless
+    /// [`Self::trainable`]).
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.vars
+            .as_ref()
+            .map(|v| v.borrow().clone())
+            .unwrap_or_default()
     }
 
     /// Memory-maps safetensors files (several for sharded checkpoints). Tensors are converted
@@ -210,9 +230,30 @@ impl WeightSource {
             }
             Backend::Meta => Tensor::zeros((), self.dtype, &Device::Cpu)?.broadcast_as(&shape)?,
         };
+        let t = match &self.vars {
+            Some(vars) if !self.is_meta() => {
+                let v = Var::from_tensor(&t)?;
+                vars.borrow_mut().push((path.clone(), v.clone()));
+                v.as_tensor().clone()
+            }
+            _ => t,
+        };
         self.records.borrow_mut().push(ParamRecord { path, shape });
         Ok(t)
     }
+}
+
+/// Writes trainable tensors (full-parameter mode) under their checkpoint keys to a safetensors
+/// file, atomically, in `dtype`: a model folder that every loader here (and diffusers) reads.
+pub fn save_weights(vars: &[(String, Var)], dtype: DType, path: &Path) -> Result<()> {
+    let mut tensors = std::collections::BTreeMap::new();
+    for (name, v) in vars {
+        tensors.insert(
+            name.clone(),
+            v.as_tensor().to_device(&Device::Cpu)?.to_dtype(dtype)?,
+        );
+    }
+    crate::lora::io::write_safetensors_atomic(&tensors, None, path)
 }
 
 fn squeezed(d: &[usize]) -> Vec<usize> {

@@ -76,18 +76,26 @@ pub struct Trainer {
 impl Trainer {
     /// A trainer for the LoRA tensors of `sd.unet` (inject or load LoRA first).
     pub fn new(sd: &StableDiffusion, config: TrainConfig) -> Result<Self> {
+        Self::with_vars(sd, config, sd.unet.lora_vars()?)
+    }
+
+    /// A trainer for an explicit list of tensors, e.g. every UNet weight in full-parameter
+    /// mode ([`crate::unet::UNet2DConditionModel::new_trainable`]); the loss is the same.
+    pub fn with_vars(
+        sd: &StableDiffusion,
+        config: TrainConfig,
+        vars: Vec<(String, candle_core::Var)>,
+    ) -> Result<Self> {
+        if vars.is_empty() {
+            bail!("nothing to train: inject LoRA or build the UNet in full-parameter mode");
+        }
         if config.batch_size == 0 || config.grad_accum == 0 {
             bail!("batch size and gradient accumulation must be at least 1");
         }
         if !(config.lr.is_finite() && config.lr > 0.0) {
             bail!("learning rate must be a positive number, got {}", config.lr);
         }
-        let optimizer = AdamW::new(
-            sd.unet.lora_vars()?,
-            config.betas,
-            config.eps,
-            config.weight_decay,
-        )?;
+        let optimizer = AdamW::new(vars, config.betas, config.eps, config.weight_decay)?;
         Ok(Self {
             rng: rand_chacha::ChaCha12Rng::seed_from_u64(config.seed),
             noise: Scheduler::new(SchedulerKind::Ddpm, &sd.scheduler_config, 1)?,

@@ -174,6 +174,17 @@ impl UNet2DConditionModel {
         Self::new(config, &WeightSource::random(seed, dtype, device))
     }
 
+    /// Full-parameter mode: the model built from `ws` with every weight a trainable `Var`,
+    /// returned by checkpoint key (for [`crate::train::Trainer::with_vars`]).
+    pub fn new_trainable(
+        config: &UNetConfig,
+        ws: &WeightSource,
+    ) -> Result<(Self, Vec<(String, candle_core::Var)>)> {
+        let ws = ws.clone().trainable();
+        let m = Self::new(config, &ws)?;
+        Ok((m, ws.vars()))
+    }
+
     /// Structure only (no weights): for counting parameters of big configs. Never run it.
     pub fn meta(config: &UNetConfig) -> Result<Self> {
         Self::new(config, &WeightSource::meta(DType::F32))
