@@ -41,6 +41,9 @@ pub struct ParamRecord {
     pub shape: Shape,
 }
 
+/// Trainable tensors by checkpoint key.
+pub type NamedVars = Vec<(String, Var)>;
+
 /// A source of model tensors under a path prefix (diffusers checkpoint key layout).
 #[derive(Clone)]
 pub struct WeightSource {
@@ -50,7 +53,7 @@ pub struct WeightSource {
     device: Device,
     records: Rc<RefCell<Vec<ParamRecord>>>,
     /// Full-parameter mode: every tensor handed out is a `Var`, listed here by checkpoint key.
-    vars: Option<Rc<RefCell<Vec<(String, Var)>>>>,
+    vars: Option<Rc<RefCell<NamedVars>>>,
 }
 
 impl WeightSource {
