@@ -5,8 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{tiny_pipeline, write_images};
-use sd_lora::data::{CaptionSource, DataConfig, ImageFolder};
+use common::tiny_pipeline;
 use sd_lora::pipeline::StableDiffusion;
 use sd_lora::train::{LatentCache, LrSchedule, TrainConfig, Trainer};
 use sd_lora::unet::{UNet2DConditionModel, UNetConfig};
@@ -99,18 +98,7 @@ fn full_parameter_training_lowers_the_loss_and_saves_a_loadable_unet() {
     .unwrap();
     let (unet, vars) = UNet2DConditionModel::new_trainable(&sd.unet.config, &ws).unwrap();
     sd.unet = unet;
-    let imgs = dir.path().join("images");
-    write_images(&imgs);
-    let data = ImageFolder::load(
-        &imgs,
-        &DataConfig {
-            width: 32,
-            height: 32,
-            captions: CaptionSource::Fixed("a red circle".into()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let data = common::tiny_dataset(dir.path());
     let cache = LatentCache::build(&sd, &data, true).unwrap();
     let cfg = TrainConfig {
         lr: 1e-3,

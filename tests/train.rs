@@ -140,18 +140,7 @@ fn setup() -> (tempfile::TempDir, StableDiffusion, LatentCache) {
             &VarMap::new(),
         )
         .unwrap();
-    let imgs = dir.path().join("images");
-    write_images(&imgs);
-    let data = ImageFolder::load(
-        &imgs,
-        &DataConfig {
-            width: 32,
-            height: 32,
-            captions: CaptionSource::Fixed("a red circle".into()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let data = common::tiny_dataset(dir.path());
     let cache = LatentCache::build(&sd, &data, true).unwrap();
     assert_eq!(
         (

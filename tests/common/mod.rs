@@ -97,3 +97,19 @@ pub fn write_images(dir: &std::path::Path) {
         img.save(dir.join(format!("img{i}.png"))).unwrap();
     }
 }
+
+/// [`write_images`] into `<dir>/images`, loaded at 32x32 with the caption "a red circle".
+pub fn tiny_dataset(dir: &std::path::Path) -> sd_lora::data::ImageFolder {
+    let imgs = dir.join("images");
+    write_images(&imgs);
+    sd_lora::data::ImageFolder::load(
+        &imgs,
+        &sd_lora::data::DataConfig {
+            width: 32,
+            height: 32,
+            captions: sd_lora::data::CaptionSource::Fixed("a red circle".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
