@@ -176,14 +176,18 @@ pub fn generate(opts: GenerateOptions) -> Result<Vec<std::path::PathBuf>> {
             );
         }
         let rows = sd.generate_at_strengths(&cfg, &opts.strengths)?;
-        let all: Vec<&image::RgbImage> = rows.iter().flat_map(|r| r.images.iter()).collect();
-        let grid = crate::pipeline::image_grid(&all, cfg.num_images)?;
-        if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        grid.save(&opts.out)
-            .with_context(|| format!("cannot write {}", opts.out.display()))?;
+        let images: Vec<Vec<image::RgbImage>> = rows.into_iter().map(|r| r.images).collect();
+        let row_labels: Vec<String> = opts
+            .strengths
+            .iter()
+            .map(|s| format!("strength {s}"))
+            .collect();
+        let col_labels: Vec<String> = (0..cfg.num_images)
+            .map(|i| format!("image {i} (seed {})", cfg.seed))
+            .collect();
+        let title = format!("{:?}", cfg.prompt);
+        crate::plot::labelled_grid(&images, &row_labels, &col_labels, Some(&title))?
+            .save(&opts.out)?;
         eprintln!(
             "grid rows = LoRA strengths {:?}, columns = images",
             opts.strengths
@@ -400,6 +404,16 @@ pub fn train(opts: TrainOptions) -> Result<String> {
     if let Some(e) = io_err {
         return Err(anyhow::anyhow!(e).context(format!("writing {}", metrics_path.display())));
     }
+    if !trainer.history.is_empty() {
+        let fig = crate::plot::loss_curve(&trainer.history)?;
+        fig.save(opts.out.join("loss.svg"))?;
+        fig.save(opts.out.join("loss.png"))?;
+    }
+    let anatomy = crate::plot::LoraAnatomy::of(&sd.unet)?;
+    anatomy.heatmap()?.save(opts.out.join("anatomy.svg"))?;
+    anatomy
+        .spectrum(&format!("rank {}", opts.lora.rank))?
+        .save(opts.out.join("spectrum.svg"))?;
     let layers = sd.unet.linears()?;
     let mut meta = std::collections::HashMap::new();
     let c = &trainer.config;
@@ -452,6 +466,70 @@ pub fn train(opts: TrainOptions) -> Result<String> {
         data.len(),
         opts.out.display()
     ))
+}
+
+/// Reads a run folder's `metrics.csv` (as `train` writes it) back into step records.
+pub fn read_metrics(run: &Path) -> Result<Vec<crate::train::StepRecord>> {
+    let path = if run.is_dir() {
+        run.join("metrics.csv")
+    } else {
+        run.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mut lines = text.lines();
+    let header = lines.next().unwrap_or_default();
+    if header.trim() != "step,epoch,loss,lr,grad_norm,seconds" {
+        bail!(
+            "{}: expected the header `step,epoch,loss,lr,grad_norm,seconds`, got `{header}`",
+            path.display()
+        );
+    }
+    let mut out = Vec::new();
+    for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split(',').collect();
+        let bad = || format!("{} line {}: `{line}`", path.display(), i + 2);
+        if f.len() != 6 {
+            bail!("{}: expected 6 fields", bad());
+        }
+        let num = |k: usize| f[k].trim().parse::<f64>().with_context(bad);
+        out.push(crate::train::StepRecord {
+            step: f[0].trim().parse().with_context(bad)?,
+            epoch: f[1].trim().parse().with_context(bad)?,
+            loss: num(2)?,
+            lr: num(3)?,
+            grad_norm: num(4)?,
+            seconds: num(5)?,
+        });
+    }
+    if out.is_empty() {
+        bail!("{} has no training steps", path.display());
+    }
+    Ok(out)
+}
+
+/// `sd-lora plot`: the loss curve of one run (with LR and epochs) or several runs overlaid
+/// (labelled by folder name), to `.svg` or `.png`.
+pub fn plot_runs(runs: &[std::path::PathBuf], out: &Path) -> Result<String> {
+    let fig = match runs {
+        [] => bail!("give at least one run folder (or metrics.csv)"),
+        [one] => crate::plot::loss_curve(&read_metrics(one)?)?,
+        many => {
+            let runs = many
+                .iter()
+                .map(|r| {
+                    let label = r
+                        .file_name()
+                        .map(|n| n.to_string_lossy().to_string())
+                        .unwrap_or_else(|| r.display().to_string());
+                    Ok(crate::plot::LossRun::new(label, &read_metrics(r)?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            crate::plot::loss_curves(&runs)?
+        }
+    };
+    fig.save(out)?;
+    Ok(format!("wrote {}", out.display()))
 }
 
 /// A UNet with the structure of `model` and no weights, for resolving LoRA module names.

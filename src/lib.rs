@@ -13,6 +13,7 @@ pub mod data;
 pub mod lora;
 pub mod ops;
 pub mod pipeline;
+pub mod plot;
 pub mod prelude;
 pub mod scheduler;
 pub mod text;

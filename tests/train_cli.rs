@@ -149,6 +149,10 @@ fn cli_train_writes_files_samples_and_resumes() {
         "checkpoints/checkpoint-000003.safetensors",
         "checkpoints/checkpoint-000006.safetensors",
         "cache/latents-32x32.safetensors",
+        "loss.svg",
+        "loss.png",
+        "anatomy.svg",
+        "spectrum.svg",
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
@@ -160,6 +164,10 @@ fn cli_train_writes_files_samples_and_resumes() {
         }
     }
     assert_eq!(lines(&out.join("metrics.csv")), 7);
+    assert!(std::fs::read_to_string(out.join("loss.svg"))
+        .unwrap()
+        .contains("learning rate"));
+    assert_eq!(image::open(out.join("loss.png")).unwrap().width(), 800);
     // f16 files: every tensor (kohya's alpha too) is f16, and the kohya file carries the
     // training settings
     for f in ["lora.safetensors", "lora_peft.safetensors"] {
@@ -200,6 +208,31 @@ fn cli_train_writes_files_samples_and_resumes() {
     assert_eq!(
         summary.lora_layers, 24,
         "q,k,v of attn1 and attn2 in the fixture's 4 transformers"
+    );
+    // sd-lora plot: one run, several runs, bad input
+    let fig = s.out("runs.svg");
+    let o = sd_lora(&[
+        "plot".to_string(),
+        out.to_str().unwrap().into(),
+        out.join("metrics.csv").to_str().unwrap().into(),
+        "--out".into(),
+        fig.to_str().unwrap().into(),
+    ]);
+    ok(&o);
+    assert!(std::fs::read_to_string(&fig).unwrap().contains(">\nrun\n<"));
+    std::fs::write(
+        s.out("bad.csv"),
+        "step,epoch,loss,lr,grad_norm,seconds\n1,0,x,1,1,1\n",
+    )
+    .unwrap();
+    fails_with(
+        &sd_lora(&[
+            "plot".to_string(),
+            s.out("bad.csv").to_str().unwrap().into(),
+            "--out".into(),
+            fig.to_str().unwrap().into(),
+        ]),
+        &["bad.csv line 2"],
     );
     // --resume extends the run from the last checkpoint, without re-encoding anything
     let err = ok(&sd_lora(&s.args(

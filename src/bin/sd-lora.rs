@@ -87,6 +87,14 @@ enum Cmd {
         #[arg(long, default_value = "f32")]
         save_dtype: String,
     },
+    /// Draws loss curves from run folders (metrics.csv): one run with LR and epochs, or several
+    /// overlaid.
+    Plot {
+        runs: Vec<PathBuf>,
+        /// .svg or .png
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Times a LoRA training step (`train`) or a 20-step generation (`generate`) on the CPU.
     Bench {
         /// train or generate.
@@ -414,6 +422,7 @@ fn run() -> Result<()> {
                 println!("{report}");
             }
         }
+        Cmd::Plot { runs, out } => println!("{}", cli::plot_runs(&runs, &out)?),
         Cmd::InspectLora { file, model } => print!("{}", cli::inspect_lora(&file, &model)?),
         Cmd::Convert {
             input,
