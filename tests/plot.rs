@@ -394,3 +394,35 @@ fn anatomy_of_a_trained_looking_unet() {
     );
     preview("spectra.png", |p| sp.save(p).unwrap());
 }
+
+#[test]
+fn the_sd15_heatmap_has_a_row_per_attention_block() {
+    use sd_lora::lora::{LoraConfig, LoraModel};
+    use sd_lora::unet::{UNet2DConditionModel, UNetConfig};
+    let mut u = UNet2DConditionModel::meta(&UNetConfig::sd_v1_5()).unwrap();
+    u.inject_lora(&LoraConfig::new(16, 32.0), &candle_nn::VarMap::new())
+        .unwrap();
+    let layers: Vec<LayerAnatomy> = u
+        .linears()
+        .unwrap()
+        .iter()
+        .filter(|l| l.adapter().is_some())
+        .enumerate()
+        .map(|(i, l)| LayerAnatomy {
+            name: l.name().to_string(),
+            rank: 16,
+            alpha: 32.0,
+            norm: (i % 7) as f64 * 0.1,
+            singular_values: vec![1.0; 16],
+        })
+        .collect();
+    assert_eq!(layers.len(), 96);
+    let fig = LoraAnatomy { layers }.heatmap().unwrap();
+    let texts = svg_texts(&fig.svg().unwrap());
+    let rows = texts
+        .iter()
+        .filter(|t| t.contains("blocks.") || t.starts_with("mid_block"))
+        .count();
+    assert_eq!(rows, 16, "{texts:?}");
+    preview("anatomy_sd15.png", |p| fig.save(p).unwrap());
+}
