@@ -209,14 +209,6 @@ impl LossPlot {
                     });
             }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font((FONT, 14))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.4))
-            .draw()
-            .map_err(err)?;
-        Ok(())
+        super::legend(&mut chart)
     }
 }

@@ -235,6 +235,25 @@ pub fn series_colour(i: usize) -> RGBColor {
     }
 }
 
+/// The legend box every line chart uses (upper right, translucent white).
+pub(crate) fn legend<'a, DB, CT>(
+    chart: &mut plotters::chart::ChartContext<'a, DB, CT>,
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    CT: plotters::coord::CoordTranslate,
+{
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font((FONT, 14))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.4))
+        .draw()
+        .map_err(err)
+}
+
 /// Axis range with 5% head-room, never empty.
 pub(crate) fn padded(lo: f64, hi: f64) -> std::ops::Range<f64> {
     let (lo, hi) = if lo.is_finite() && hi.is_finite() {
