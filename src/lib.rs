@@ -17,6 +17,7 @@ pub mod plot;
 pub mod prelude;
 pub mod scheduler;
 pub mod text;
+pub mod tiny;
 pub mod train;
 pub mod unet;
 pub mod vae;
