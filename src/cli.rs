@@ -15,7 +15,15 @@ use crate::unet::{unet_dir, UNet2DConditionModel, UNetConfig};
 pub fn unet_config(model: &str) -> Result<UNetConfig> {
     match model {
         "sd15" | "sd-1.5" | "sd_v1_5" => Ok(UNetConfig::sd_v1_5()),
-        "tiny" => Ok(UNetConfig::tiny()),
+        // the shipped model's config when present (it is `UNetConfig::tiny()`)
+        "tiny" => {
+            let f = crate::tiny::tiny_model_dir().join("unet/config.json");
+            if f.is_file() {
+                UNetConfig::from_file(&f)
+            } else {
+                Ok(UNetConfig::tiny())
+            }
+        }
         path if Path::new(path).is_file() => UNetConfig::from_file(Path::new(path)),
         dir => UNetConfig::from_file(&unet_dir(Path::new(dir))?.join("config.json")),
     }

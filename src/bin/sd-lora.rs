@@ -87,6 +87,48 @@ enum Cmd {
         #[arg(long, default_value = "f32")]
         save_dtype: String,
     },
+    /// Writes synthetic captioned 64x64 scenes (PNG + .txt sidecar) in the base or anime look.
+    MakeData {
+        /// base (photographic) or anime.
+        #[arg(long)]
+        style: String,
+        #[arg(long, default_value_t = 60)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Pre-trains the embedded tiny Stable Diffusion (VAE, then UNet), resumable; writes a
+    /// diffusers folder.
+    PretrainTiny {
+        #[arg(long, default_value = "assets/tiny-sd")]
+        out: PathBuf,
+        /// Checkpoints (continue by running the same command again).
+        #[arg(long, default_value = ".pretrain")]
+        work: PathBuf,
+        #[arg(long)]
+        vae_steps: Option<usize>,
+        #[arg(long)]
+        unet_steps: Option<usize>,
+        #[arg(long)]
+        scenes: Option<usize>,
+    },
+    /// The tutorial's whole flow on the embedded tiny model (CPU, a few minutes): base samples,
+    /// LoRA fine-tune on anime-look scenes, loss curve, before/after grid, summary.json.
+    Demo {
+        #[arg(long, default_value = "runs/demo")]
+        out: PathBuf,
+        /// Fewer epochs for a quick look (default 20).
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Denoising steps per sample (default 20).
+        #[arg(long)]
+        sample_steps: Option<usize>,
+        /// Prompts for the before/after grid (default: 8 held-out scene captions).
+        #[arg(long)]
+        prompt: Vec<String>,
+    },
     /// Draws loss curves from run folders (metrics.csv): one run with LR and epochs, or several
     /// overlaid.
     Plot {
@@ -421,6 +463,71 @@ fn run() -> Result<()> {
             } else {
                 println!("{report}");
             }
+        }
+        Cmd::MakeData {
+            style,
+            count,
+            seed,
+            out,
+        } => {
+            let paths = sd_lora::tiny::scenes::write_dataset(&out, style.parse()?, count, seed)?;
+            println!(
+                "wrote {} images with captions to {}",
+                paths.len(),
+                out.display()
+            );
+        }
+        Cmd::PretrainTiny {
+            out,
+            work,
+            vae_steps,
+            unet_steps,
+            scenes,
+        } => {
+            let d = sd_lora::tiny::pretrain::PretrainConfig::default();
+            let cfg = sd_lora::tiny::pretrain::PretrainConfig {
+                out,
+                work,
+                vae_steps: vae_steps.unwrap_or(d.vae_steps),
+                unet_steps: unet_steps.unwrap_or(d.unet_steps),
+                scenes: scenes.unwrap_or(d.scenes),
+                ..d
+            };
+            let bpe = sd_lora::text::default_clip_bpe();
+            let dir =
+                sd_lora::tiny::pretrain::pretrain_tiny(&cfg, &bpe, &mut |m| eprintln!("{m}"))?;
+            println!("wrote {}", dir.display());
+        }
+        Cmd::Demo {
+            out,
+            epochs,
+            sample_steps,
+            prompt,
+        } => {
+            let d = sd_lora::tiny::demo::DemoConfig::default();
+            let cfg = sd_lora::tiny::demo::DemoConfig {
+                out,
+                epochs: epochs.unwrap_or(d.epochs),
+                sample_steps: sample_steps.unwrap_or(d.sample_steps),
+                prompts: if prompt.is_empty() {
+                    d.prompts.clone()
+                } else {
+                    prompt
+                },
+                ..d
+            };
+            let s = sd_lora::tiny::demo::run_demo(&cfg, &mut |m| {
+                if m.starts_with('\r') || m == "\n" {
+                    eprint!("{m}");
+                } else {
+                    eprintln!("{m}");
+                }
+            })?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            println!(
+                "wrote {}: before_after.png, loss.svg, loss.png, lora.safetensors, lora_peft.safetensors, summary.json",
+                cfg.out.display()
+            );
         }
         Cmd::Plot { runs, out } => println!("{}", cli::plot_runs(&runs, &out)?),
         Cmd::InspectLora { file, model } => print!("{}", cli::inspect_lora(&file, &model)?),

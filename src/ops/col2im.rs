@@ -1,6 +1,7 @@
-//! The input gradient of a convolution as GEMM + col2im, the way PyTorch computes transposed
-//! convolutions: `cols = Wᵀ · g` (`[Cin·kh·kw, B·OH·OW]`), then every column entry is added back
-//! to the input pixel it was read from. No kernel flip or copy of the weight is needed.
+//! Convolution gradients as GEMMs, the way PyTorch computes them on the CPU:
+//! - input: `cols = Wᵀ · g` (`[Cin·kh·kw, B·OH·OW]`), then col2im adds every column entry back
+//!   to the input pixel it was read from (no kernel flip or weight copy);
+//! - weight (full fine-tuning): im2col of the input, then `dW = g · colsᵀ`.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -68,6 +69,141 @@ fn col2im<T: Elem>(cols: &[T], g: Geometry) -> Vec<T> {
     acc.into_iter().map(T::from_c).collect()
 }
 
+struct Im2Col(Geometry);
+
+/// `x` is `[b, cin, ih, iw]`; the result `[cin, kh, kw, b, oh, ow]` (zeros where the window
+/// reads padding).
+fn im2col<T: Elem>(x: &[T], g: Geometry) -> Vec<T> {
+    let zero = T::from_c(<T::C as num_traits::Zero>::zero());
+    let per_c = g.kh * g.kw * g.b * g.oh * g.ow;
+    let mut out = vec![zero; g.cin * per_c];
+    out.par_chunks_mut(per_c).enumerate().for_each(|(c, dst)| {
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                for bi in 0..g.b {
+                    let src =
+                        &x[(bi * g.cin + c) * g.ih * g.iw..(bi * g.cin + c + 1) * g.ih * g.iw];
+                    let base = ((i * g.kw + j) * g.b + bi) * g.oh * g.ow;
+                    for oy in 0..g.oh {
+                        let y = (oy * g.stride + i) as isize - g.padding as isize;
+                        if y < 0 || y >= g.ih as isize {
+                            continue;
+                        }
+                        let srow = &src[y as usize * g.iw..(y as usize + 1) * g.iw];
+                        let drow = &mut dst[base + oy * g.ow..base + (oy + 1) * g.ow];
+                        for (ox, d) in drow.iter_mut().enumerate() {
+                            let x = (ox * g.stride + j) as isize - g.padding as isize;
+                            if x >= 0 && x < g.iw as isize {
+                                *d = srow[x as usize];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+impl Kernel for Im2Col {
+    fn run<T: Elem>(&self, x: &[&[T]]) -> Vec<T> {
+        im2col(x[0], self.0)
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "sd-lora-im2col"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let g = self.0;
+        let out = run_kernel(self, "im2col", &[(s, l)])?;
+        Ok((out, Shape::from((g.cin * g.kh * g.kw, g.b * g.oh * g.ow))))
+    }
+}
+
+/// `g = dL/dy` as `[cout, b·oh·ow]`.
+fn grad_matrix(g: &Tensor) -> CResult<Tensor> {
+    let (b, cout, oh, ow) = g.dims4()?;
+    if b == 1 {
+        g.reshape((cout, oh * ow))
+    } else {
+        g.transpose(0, 1)?
+            .contiguous()?
+            .reshape((cout, b * oh * ow))
+    }
+}
+
+/// `dL/dw` of `y = conv2d(x, w, padding, stride)` for a kernel `[cout, cin, kh, kw]`, given
+/// `g = dL/dy` (CPU).
+pub fn conv2d_weight_grad(
+    g: &Tensor,
+    x: &Tensor,
+    kh: usize,
+    kw: usize,
+    padding: usize,
+    stride: usize,
+) -> CResult<Tensor> {
+    let (b, cout, oh, ow) = g.dims4()?;
+    let (_, cin, ih, iw) = x.dims4()?;
+    let geo = Geometry {
+        b,
+        cin,
+        kh,
+        kw,
+        ih,
+        iw,
+        oh,
+        ow,
+        padding,
+        stride,
+    };
+    let cols = x.contiguous()?.apply_op1_no_bwd(&Im2Col(geo))?;
+    grad_matrix(g)?
+        .matmul(&cols.t()?)?
+        .reshape((cout, cin, kh, kw))
+}
+
+/// `conv2d(x, w, padding, stride)` (no groups or dilation) as im2col + one GEMM, the layout
+/// PyTorch's CPU convolution uses; candle's CPU `conv2d` copies tiles through closures and was
+/// the largest single cost of a training step.
+pub fn conv2d_im2col(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> CResult<Tensor> {
+    let (b, cin, ih, iw) = x.dims4()?;
+    let (cout, wc, kh, kw) = w.dims4()?;
+    if wc != cin || ih + 2 * padding < kh || iw + 2 * padding < kw || stride == 0 {
+        // let candle report the shape error
+        return x.conv2d(w, padding, stride, 1, 1);
+    }
+    let oh = (ih + 2 * padding - kh) / stride + 1;
+    let ow = (iw + 2 * padding - kw) / stride + 1;
+    let w2 = w.reshape((cout, cin * kh * kw))?;
+    let y = if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
+        // a 1x1 convolution is a matmul over channels
+        if b == 1 {
+            w2.matmul(&x.reshape((cin, ih * iw))?)?
+        } else {
+            w2.broadcast_matmul(&x.reshape((b, cin, ih * iw))?)?
+                .transpose(0, 1)?
+        }
+    } else {
+        let geo = Geometry {
+            b,
+            cin,
+            kh,
+            kw,
+            ih,
+            iw,
+            oh,
+            ow,
+            padding,
+            stride,
+        };
+        let cols = x.contiguous()?.apply_op1_no_bwd(&Im2Col(geo))?;
+        w2.matmul(&cols)?
+    };
+    y.reshape((cout, b, oh, ow))?.transpose(0, 1)?.contiguous()
+}
+
 impl Kernel for Col2Im {
     fn run<T: Elem>(&self, x: &[&[T]]) -> Vec<T> {
         col2im(x[0], self.0)
@@ -98,13 +234,7 @@ pub fn conv2d_input_grad(
     let (b, cout, oh, ow) = g.dims4()?;
     let (_, cin, kh, kw) = w.dims4()?;
     let w2 = w.reshape((cout, cin * kh * kw))?;
-    let g2 = if b == 1 {
-        g.reshape((cout, oh * ow))?
-    } else {
-        g.transpose(0, 1)?
-            .contiguous()?
-            .reshape((cout, b * oh * ow))?
-    };
+    let g2 = grad_matrix(g)?;
     let cols = w2.t()?.matmul(&g2)?;
     let geo = Geometry {
         b,

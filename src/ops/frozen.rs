@@ -10,9 +10,9 @@
 //! The plain candle op is used when no gradient is needed (input not tracked), when the weight
 //! itself is trainable (full fine-tuning), and on non-CPU devices.
 
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Storage, Tensor};
 
-use super::col2im::conv2d_input_grad;
+use super::col2im::{conv2d_im2col, conv2d_input_grad, conv2d_weight_grad};
 use super::cpu::CResult;
 
 /// Copies a contiguous CPU storage region into a tensor (a memcpy; the compute dominates).
@@ -107,7 +107,7 @@ impl CustomOp1 for FrozenConv {
         "sd-lora-frozen-conv2d"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let y = cpu_tensor(s, l)?.conv2d(&self.w, self.padding, self.stride, 1, 1)?;
+        let y = conv2d_im2col(&cpu_tensor(s, l)?, &self.w, self.padding, self.stride)?;
         into_storage(&add_bias(y, self.b.as_ref(), 1)?)
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
@@ -123,7 +123,54 @@ impl CustomOp1 for FrozenConv {
     }
 }
 
-/// `conv2d(x, w) + b`; the backward skips `dL/dw` and `dL/db` when they are frozen.
+/// A convolution whose weight is trained (full fine-tuning): both gradients as GEMMs
+/// (col2im for the input, im2col for the weight) instead of candle's direct loops.
+struct TrainableConv {
+    padding: usize,
+    stride: usize,
+}
+
+impl CustomOp2 for TrainableConv {
+    fn name(&self) -> &'static str {
+        "sd-lora-trainable-conv2d"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let y = conv2d_im2col(
+            &cpu_tensor(s1, l1)?,
+            &cpu_tensor(s2, l2)?,
+            self.padding,
+            self.stride,
+        )?;
+        into_storage(&y)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (_, _, ih, iw) = x.dims4()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        let g = g.contiguous()?;
+        let dx = if x.track_op() {
+            Some(conv2d_input_grad(&g, w, ih, iw, self.padding, self.stride)?)
+        } else {
+            None
+        };
+        let dw = conv2d_weight_grad(&g, x, kh, kw, self.padding, self.stride)?;
+        Ok((dx, Some(dw)))
+    }
+}
+
+/// `conv2d(x, w) + b`. A frozen weight's backward computes only `dL/dx` (GEMM + col2im); a
+/// trainable one's computes both gradients as GEMMs; no gradients at all: candle's conv2d.
 pub fn frozen_conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -132,8 +179,17 @@ pub fn frozen_conv2d(
     stride: usize,
 ) -> CResult<Tensor> {
     let b_tracked = b.is_some_and(|b| b.track_op());
-    if !x.track_op() || w.track_op() || b_tracked || !x.device().is_cpu() {
+    if !x.device().is_cpu() {
         return add_bias(x.conv2d(w, padding, stride, 1, 1)?, b, 1);
+    }
+    if !x.track_op() && !w.track_op() && !b_tracked {
+        return add_bias(conv2d_im2col(x, w, padding, stride)?, b, 1);
+    }
+    if w.track_op() || b_tracked {
+        let y = x
+            .contiguous()?
+            .apply_op2(&w.contiguous()?, TrainableConv { padding, stride })?;
+        return add_bias(y, b, 1);
     }
     x.contiguous()?.apply_op1(FrozenConv {
         w: w.clone(),

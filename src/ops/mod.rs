@@ -13,7 +13,7 @@ mod group_norm;
 mod norm;
 mod softmax;
 
-pub use col2im::conv2d_input_grad;
+pub use col2im::{conv2d_im2col, conv2d_input_grad};
 pub use frozen::{frozen_conv2d, frozen_linear};
 pub use group_norm::group_norm;
 pub use norm::{layer_norm, layer_norm_composed};

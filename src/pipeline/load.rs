@@ -42,6 +42,16 @@ pub fn resolve_model(
     variant: Option<&str>,
     cache_dir: Option<&Path>,
 ) -> Result<PathBuf> {
+    if source == "tiny" {
+        let dir = crate::tiny::tiny_model_dir();
+        if !dir.join("model_index.json").is_file() {
+            bail!(
+                "the embedded tiny model is missing from {} (make it with `sd-lora pretrain-tiny`)",
+                dir.display()
+            );
+        }
+        return Ok(dir);
+    }
     let p = Path::new(source);
     if p.exists() {
         if !p.is_dir() {

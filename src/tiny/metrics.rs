@@ -63,8 +63,8 @@ pub fn dominant_colour(img: &RgbImage) -> Option<usize> {
         );
         let saturation = if mx > 0.0 { (mx - mn) / mx } else { 0.0 };
         if d > 60 && saturation > 0.4 {
-            for k in 0..3 {
-                sum[k] += p.0[k] as f64;
+            for (acc, v) in sum.iter_mut().zip(p.0) {
+                *acc += v as f64;
             }
             n += 1;
         }

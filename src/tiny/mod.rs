@@ -2,7 +2,9 @@
 //! config) pre-trained by us on synthetic scenes, shipped in `assets/tiny-sd/`, and the data
 //! and checks around it.
 
+pub mod demo;
 pub mod metrics;
+pub mod pretrain;
 pub mod scenes;
 
 /// The shipped tiny model's folder (a diffusers pipeline layout).

@@ -134,7 +134,8 @@ impl Scene {
             let (xf, yf) = (x as f32 + 0.5, y as f32 + 0.5);
             // background: lit from the top, soft texture
             let light = 1.12 - 0.3 * yf / SIZE as f32;
-            let tex = 1.0 + 0.09 * noise.at(xf / 9.0, yf / 9.0) + 0.03 * noise.at(xf / 2.5, yf / 2.5);
+            let tex =
+                1.0 + 0.09 * noise.at(xf / 9.0, yf / 9.0) + 0.03 * noise.at(xf / 2.5, yf / 2.5);
             // blurred drop shadow, offset down-right
             let sd = self.distance(xf - 3.0, yf - 4.0);
             let shadow = 1.0 - 0.3 * smoothstep(4.0, -3.0, sd);
@@ -144,7 +145,8 @@ impl Scene {
             let inside = smoothstep(1.2, -1.2, d);
             if inside > 0.0 {
                 let (hx, hy) = (self.cx - 0.4 * self.radius, self.cy - 0.45 * self.radius);
-                let t = (((xf - hx).powi(2) + (yf - hy).powi(2)).sqrt() / (1.8 * self.radius)).min(1.0);
+                let t =
+                    (((xf - hx).powi(2) + (yf - hy).powi(2)).sqrt() / (1.8 * self.radius)).min(1.0);
                 let shade = 1.25 - 0.55 * t;
                 let grain = 1.0 + 0.03 * noise.at(xf / 3.0 + 50.0, yf / 3.0);
                 for (ci, f) in c.iter_mut().zip(fg) {
@@ -160,7 +162,8 @@ impl Scene {
         let bg = BACKGROUNDS[self.background].1;
         let fg = COLOURS[self.colour].1;
         // small palette: saturated fill, one darker cel tone, near-black outline
-        let boost = |c: [u8; 3]| c.map(|v| ((v as f32 - 128.0) * 1.2 + 128.0).clamp(0.0, 255.0) as u8);
+        let boost =
+            |c: [u8; 3]| c.map(|v| ((v as f32 - 128.0) * 1.2 + 128.0).clamp(0.0, 255.0) as u8);
         let fill = boost(fg);
         let cel = fill.map(|v| (v as f32 * 0.7) as u8);
         let outline = [28u8, 22, 38];
@@ -201,7 +204,9 @@ impl ValueNoise {
     fn at(&self, x: f32, y: f32) -> f32 {
         let (x0, y0) = (x.floor(), y.floor());
         let (fx, fy) = (x - x0, y - y0);
-        let g = |i: f32, j: f32| self.table[((i as i64).rem_euclid(32) * 32 + (j as i64).rem_euclid(32)) as usize];
+        let g = |i: f32, j: f32| {
+            self.table[((i as i64).rem_euclid(32) * 32 + (j as i64).rem_euclid(32)) as usize]
+        };
         let (sx, sy) = (fx * fx * (3.0 - 2.0 * fx), fy * fy * (3.0 - 2.0 * fy));
         let a = g(x0, y0) * (1.0 - sx) + g(x0 + 1.0, y0) * sx;
         let b = g(x0, y0 + 1.0) * (1.0 - sx) + g(x0 + 1.0, y0 + 1.0) * sx;
