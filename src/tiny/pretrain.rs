@@ -165,6 +165,7 @@ fn train_vae(
     }
     let n = data.dim(0)?;
     let started = std::time::Instant::now();
+    let first = step;
     while step < cfg.vae_steps {
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9));
         let idx: Vec<u32> = (0..cfg.vae_batch)
@@ -209,7 +210,7 @@ fn train_vae(
                 "VAE step {step}/{} recon MSE {lv:.5} KL {:.3} ({:.2} s/step)",
                 cfg.vae_steps,
                 kl.to_scalar::<f32>()?,
-                started.elapsed().as_secs_f64() / step.max(1) as f64
+                started.elapsed().as_secs_f64() / (step - first).max(1) as f64
             ));
         }
     }
