@@ -22,6 +22,25 @@ struct Geometry {
     stride: usize,
 }
 
+impl Geometry {
+    /// Input `[b, cin, ih, iw]`, kernel `[kh, kw]`, output `[oh, ow]`.
+    fn new(x: [usize; 4], k: [usize; 2], o: [usize; 2], padding: usize, stride: usize) -> Self {
+        let [b, cin, ih, iw] = x;
+        Self {
+            b,
+            cin,
+            kh: k[0],
+            kw: k[1],
+            ih,
+            iw,
+            oh: o[0],
+            ow: o[1],
+            padding,
+            stride,
+        }
+    }
+}
+
 struct Col2Im(Geometry);
 
 /// `cols` is `[cin, kh, kw, b, oh, ow]`; the result `[b, cin, ih, iw]`.
@@ -146,18 +165,7 @@ pub fn conv2d_weight_grad(
 ) -> CResult<Tensor> {
     let (b, cout, oh, ow) = g.dims4()?;
     let (_, cin, ih, iw) = x.dims4()?;
-    let geo = Geometry {
-        b,
-        cin,
-        kh,
-        kw,
-        ih,
-        iw,
-        oh,
-        ow,
-        padding,
-        stride,
-    };
+    let geo = Geometry::new([b, cin, ih, iw], [kh, kw], [oh, ow], padding, stride);
     let cols = x.contiguous()?.apply_op1_no_bwd(&Im2Col(geo))?;
     grad_matrix(g)?
         .matmul(&cols.t()?)?
@@ -186,18 +194,7 @@ pub fn conv2d_im2col(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> C
                 .transpose(0, 1)?
         }
     } else {
-        let geo = Geometry {
-            b,
-            cin,
-            kh,
-            kw,
-            ih,
-            iw,
-            oh,
-            ow,
-            padding,
-            stride,
-        };
+        let geo = Geometry::new([b, cin, ih, iw], [kh, kw], [oh, ow], padding, stride);
         let cols = x.contiguous()?.apply_op1_no_bwd(&Im2Col(geo))?;
         w2.matmul(&cols)?
     };
@@ -236,17 +233,6 @@ pub fn conv2d_input_grad(
     let w2 = w.reshape((cout, cin * kh * kw))?;
     let g2 = grad_matrix(g)?;
     let cols = w2.t()?.matmul(&g2)?;
-    let geo = Geometry {
-        b,
-        cin,
-        kh,
-        kw,
-        ih,
-        iw,
-        oh,
-        ow,
-        padding,
-        stride,
-    };
+    let geo = Geometry::new([b, cin, ih, iw], [kh, kw], [oh, ow], padding, stride);
     cols.contiguous()?.apply_op1_no_bwd(&Col2Im(geo))
 }
