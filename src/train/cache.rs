@@ -75,9 +75,11 @@ fn fingerprint(sd: &StableDiffusion) -> Result<Vec<u8>> {
 
 fn encode(sd: &StableDiffusion, x: &Tensor) -> Result<(Tensor, Tensor)> {
     let d = sd.vae.encode(x)?;
+    // detached: a VAE with trainable weights (pre-training) would otherwise keep every
+    // encoding's autograd graph alive
     Ok((
-        d.mean.squeeze(0)?.to_dtype(DType::F32)?,
-        d.logvar.squeeze(0)?.to_dtype(DType::F32)?,
+        d.mean.squeeze(0)?.to_dtype(DType::F32)?.detach(),
+        d.logvar.squeeze(0)?.to_dtype(DType::F32)?.detach(),
     ))
 }
 
@@ -174,7 +176,8 @@ impl LatentCache {
                             let e = sd
                                 .encode_prompts(&[ex.caption.as_str()])
                                 .with_context(|| format!("text-encoding {:?}", ex.caption))?
-                                .squeeze(0)?;
+                                .squeeze(0)?
+                                .detach();
                             stats.texts_encoded += 1;
                             fresh = true;
                             disk.insert(name, e.to_device(&Device::Cpu)?);

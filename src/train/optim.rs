@@ -58,9 +58,12 @@ impl AdamW {
         let c2 = 1.0 - b2.powi(self.t as i32);
         for (i, g) in grads.iter().enumerate() {
             let p = &self.vars[i].1;
+            // detached: gradients of a graph with trainable inputs are themselves tracked, and
+            // moments built from them would keep every step's graph (all activations) alive
+            let g = &g.detach();
             let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let decayed = (p.as_tensor() * (1.0 - lr * self.weight_decay))?;
+            let decayed = (p.as_tensor().detach() * (1.0 - lr * self.weight_decay))?;
             let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.eps)?)?;
             p.set(&(decayed - (update * lr)?)?)?;
             self.m[i] = m;
