@@ -25,6 +25,10 @@ pub struct BenchConfig {
     /// Timed repetitions.
     pub steps: usize,
     pub warmup: usize,
+    /// Default CPU.
+    pub device: Device,
+    /// Frozen weights and activations; LoRA, optimizer state and loss stay f32. Default f32.
+    pub dtype: DType,
 }
 
 impl Default for BenchConfig {
@@ -35,6 +39,8 @@ impl Default for BenchConfig {
             batch: 1,
             steps: 5,
             warmup: 1,
+            device: Device::Cpu,
+            dtype: DType::F32,
         }
     }
 }
@@ -56,13 +62,18 @@ pub struct BenchReport {
     pub trainable_params: usize,
     pub total_params: usize,
     pub threads: usize,
+    /// `cpu` or `cuda:N`, and the compute dtype.
+    pub device: String,
+    pub dtype: String,
+    /// GPU memory in use after the timed steps (see [`crate::device::gpu_memory_used_mib`]).
+    pub gpu_mem_mib: Option<f64>,
 }
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} {} latent {}x{} batch {}: median {:.3} s (min {:.3}, max {:.3}) over {} steps; peak RSS {}; {} threads",
+            "{} {} latent {}x{} batch {}: median {:.3} s (min {:.3}, max {:.3}) over {} steps; peak RSS {}; {} threads; {} {}{}",
             self.kind,
             self.model,
             self.latent,
@@ -74,7 +85,11 @@ impl std::fmt::Display for BenchReport {
             self.steps,
             self.peak_rss_mib
                 .map_or("n/a".into(), |m| format!("{m:.0} MiB")),
-            self.threads
+            self.threads,
+            self.device,
+            self.dtype,
+            self.gpu_mem_mib
+                .map_or(String::new(), |m| format!(", GPU memory in use {m:.0} MiB"))
         )
     }
 }
@@ -85,6 +100,13 @@ pub fn peak_rss_mib() -> Option<f64> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// Resets the peak resident set size (`VmHWM`) to the current one (Linux: writes 5 to
+/// `/proc/self/clear_refs`), so that [`peak_rss_mib`] measures the peak of what runs next.
+/// Returns false where the kernel does not allow it.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 fn timed(cfg: &BenchConfig, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
@@ -107,26 +129,28 @@ fn timed(cfg: &BenchConfig, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f
 /// LoRA rank 16 / alpha 32 on q,k,v (the tutorial's); AdamW lr 1e-4, weight decay 1e-2;
 /// 77 text tokens; uniform random timesteps.
 pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
-    let dev = Device::Cpu;
+    let (dev, dt) = (&cfg.device, cfg.dtype);
     let ucfg = crate::cli::unet_config(&cfg.model)?;
-    let mut unet = UNet2DConditionModel::random(&ucfg, 0, DType::F32, &dev)?;
+    let mut unet = UNet2DConditionModel::random(&ucfg, 0, dt, dev)?;
     let summary = unet.inject_lora(&LoraConfig::new(16, 32.0), &VarMap::new())?;
     let mut opt = AdamW::new(unet.lora_vars()?, (0.9, 0.999), 1e-8, 1e-2)?;
     let ctx = ucfg.cross_dims()?[0];
     let (b, l) = (cfg.batch, cfg.latent);
-    let x = Tensor::randn(0f32, 1.0, (b, 4, l, l), &dev)?;
-    let e = Tensor::randn(0f32, 1.0, (b, 77, ctx), &dev)?;
-    let noise = Tensor::randn(0f32, 1.0, (b, 4, l, l), &dev)?;
-    let t = Tensor::rand(0f32, 1000.0, b, &dev)?.floor()?;
+    let x = Tensor::randn(0f32, 1.0, (b, 4, l, l), dev)?.to_dtype(dt)?;
+    let e = Tensor::randn(0f32, 1.0, (b, 77, ctx), dev)?.to_dtype(dt)?;
+    let noise = Tensor::randn(0f32, 1.0, (b, 4, l, l), dev)?;
+    let t = Tensor::rand(0f32, 1000.0, b, dev)?.floor()?;
     let (median_s, min_s, max_s) = timed(cfg, || {
-        let loss = (unet.forward(&x, &t, &e)? - &noise)?.sqr()?.mean_all()?;
+        let pred = unet.forward(&x, &t, &e)?.to_dtype(DType::F32)?;
+        let loss = (pred - &noise)?.sqr()?.mean_all()?;
         let grads = loss.backward()?;
         let g: Vec<Tensor> = opt
             .vars
             .iter()
             .map(|(n, v)| grads.get(v.as_tensor()).cloned().context(n.clone()))
             .collect::<Result<_>>()?;
-        opt.step(&g, 1e-4)
+        opt.step(&g, 1e-4)?;
+        crate::device::synchronize(dev)
     })?;
     Ok(BenchReport {
         kind: "train".into(),
@@ -141,7 +165,18 @@ pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
         trainable_params: summary.trainable_params,
         total_params: summary.total_params,
         threads: candle_core::utils::get_num_threads(),
+        device: device_name(dev),
+        dtype: format!("{dt:?}").to_lowercase(),
+        gpu_mem_mib: crate::device::gpu_memory_used_mib(dev),
     })
+}
+
+fn device_name(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}"),
+    }
 }
 
 /// Text to image: classifier-free guidance 7.5 (UNet batch 2 per image), DDIM, 20 steps,
@@ -150,7 +185,7 @@ pub fn bench_generate(cfg: &BenchConfig) -> Result<BenchReport> {
     use crate::text::ClipTextConfig;
     use crate::unet::UNetConfig;
     use crate::vae::VaeConfig;
-    let dev = Device::Cpu;
+    let dev = &cfg.device;
     let random = |u: UNetConfig, v: VaeConfig, t: ClipTextConfig| -> Result<StableDiffusion> {
         let tok = std::env::temp_dir().join(format!("sd-lora-bench-tok-{}", std::process::id()));
         let bpe = crate::text::default_clip_bpe();
@@ -160,7 +195,7 @@ pub fn bench_generate(cfg: &BenchConfig) -> Result<BenchReport> {
                 bpe.display()
             )
         })?;
-        let sd = StableDiffusion::random(&u, &v, &t, &tok, 0, &dev);
+        let sd = StableDiffusion::random(&u, &v, &t, &tok, 0, dev);
         let _ = std::fs::remove_dir_all(&tok);
         sd
     };
@@ -175,7 +210,7 @@ pub fn bench_generate(cfg: &BenchConfig) -> Result<BenchReport> {
             VaeConfig::sd_v1_5(),
             ClipTextConfig::sd_v1_5(),
         )?,
-        dir => StableDiffusion::from_folder(std::path::Path::new(dir), None, DType::F32, &dev)?,
+        dir => StableDiffusion::from_folder(std::path::Path::new(dir), None, cfg.dtype, dev)?,
     };
     let px = cfg.latent * sd.vae_scale_factor();
     let gen = GenerateConfig {
@@ -186,7 +221,10 @@ pub fn bench_generate(cfg: &BenchConfig) -> Result<BenchReport> {
         num_images: cfg.batch,
         ..Default::default()
     };
-    let (median_s, min_s, max_s) = timed(cfg, || sd.generate(&gen).map(|_| ()))?;
+    let (median_s, min_s, max_s) = timed(cfg, || {
+        sd.generate(&gen)?;
+        crate::device::synchronize(dev)
+    })?;
     let total = sd.unet.lora_summary()?.total_params;
     Ok(BenchReport {
         kind: "generate".into(),
@@ -201,5 +239,8 @@ pub fn bench_generate(cfg: &BenchConfig) -> Result<BenchReport> {
         trainable_params: 0,
         total_params: total,
         threads: candle_core::utils::get_num_threads(),
+        device: device_name(dev),
+        dtype: format!("{:?}", cfg.dtype).to_lowercase(),
+        gpu_mem_mib: crate::device::gpu_memory_used_mib(dev),
     })
 }

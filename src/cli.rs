@@ -113,6 +113,8 @@ pub struct GenerateOptions {
     pub model: String,
     pub variant: Option<String>,
     pub dtype: DType,
+    /// Where to run (see [`crate::device::parse_device`]).
+    pub device: Device,
     /// LoRA files, stacked; `lora_scales[i]` is the strength of `loras[i]` (default 1.0).
     pub loras: Vec<std::path::PathBuf>,
     pub lora_scales: Vec<f64>,
@@ -127,8 +129,8 @@ pub struct GenerateOptions {
 /// Loads the pipeline (and LoRA), generates, writes PNGs; returns the paths written.
 pub fn generate(opts: GenerateOptions) -> Result<Vec<std::path::PathBuf>> {
     use crate::pipeline::{LoadOptions, StableDiffusion};
-    let device = Device::Cpu;
-    if opts.dtype == DType::BF16 {
+    let device = opts.device.clone();
+    if opts.dtype == DType::BF16 && device.is_cpu() {
         bail!("bf16 compute is not available on the CPU (candle has no bf16 matmul there): use f32 or f16");
     }
     if opts.lora_scales.len() > opts.loras.len() {
@@ -223,6 +225,9 @@ pub fn generate(opts: GenerateOptions) -> Result<Vec<std::path::PathBuf>> {
 pub struct TrainOptions {
     pub model: String,
     pub variant: Option<String>,
+    /// Where to train, and the dtype of the frozen weights (LoRA and optimizer state are f32).
+    pub device: Device,
+    pub dtype: DType,
     pub data: std::path::PathBuf,
     pub out: std::path::PathBuf,
     pub lora: LoraConfig,
@@ -293,7 +298,9 @@ pub fn train(opts: TrainOptions) -> Result<String> {
     let mut sd = StableDiffusion::load_with(&LoadOptions {
         source: opts.model.clone(),
         variant: opts.variant.clone(),
-        ..Default::default()
+        dtype: opts.dtype,
+        device: opts.device.clone(),
+        cache_dir: None,
     })?;
     let summary = sd.unet.inject_lora(&opts.lora, &VarMap::new())?;
     eprintln!("{summary}");
@@ -445,6 +452,7 @@ pub fn train(opts: TrainOptions) -> Result<String> {
             c.min_snr_gamma.map_or("None".into(), |g| g.to_string()),
         ),
         ("ss_noise_offset", c.noise_offset.to_string()),
+        ("ss_caption_dropout_rate", c.caption_dropout.to_string()),
         ("ss_training_comment", "trained with sd-lora".into()),
     ] {
         meta.insert(k.to_string(), v);

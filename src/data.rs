@@ -144,6 +144,26 @@ pub fn image_to_tensor(img: &image::RgbImage, device: &Device) -> Result<Tensor>
         .contiguous()?)
 }
 
+/// The inverse of [`image_to_tensor`]: `[3, H, W]` in [-1, 1] (values outside are clipped) to
+/// an 8-bit image.
+pub fn tensor_to_image(t: &Tensor) -> Result<image::RgbImage> {
+    let (c, h, w) = t
+        .dims3()
+        .with_context(|| format!("an image tensor is [3, H, W], got {:?}", t.dims()))?;
+    if c != 3 {
+        bail!("an image tensor has 3 channels, got {c}");
+    }
+    let v: Vec<u8> = ((t.to_dtype(candle_core::DType::F32)?.clamp(-1.0, 1.0)? + 1.0)? * 127.5)?
+        .round()?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|x| x as u8)
+        .collect();
+    image::RgbImage::from_raw(w as u32, h as u32, v).context("image buffer size")
+}
+
 /// The caption of `path`, and whether a sidecar was expected but missing.
 fn read_caption(path: &Path, source: &CaptionSource) -> Result<(String, bool)> {
     Ok(match source {

@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod device;
 pub mod lora;
 pub mod ops;
 pub mod pipeline;

@@ -248,6 +248,17 @@ impl WeightSource {
 
 /// Writes trainable tensors (full-parameter mode) under their checkpoint keys to a safetensors
 /// file, atomically, in `dtype`: a model folder that every loader here (and diffusers) reads.
+/// A tensor of normal samples with standard deviation `std`, reproducible from `seed` (candle's
+/// own `Tensor::randn` cannot be seeded on the CPU). f32.
+pub fn randn_seeded(seed: u64, dims: &[usize], std: f64, device: &Device) -> Result<Tensor> {
+    use rand_distr::{Distribution, Normal};
+    let d = Normal::new(0.0, std).with_context(|| format!("invalid standard deviation {std}"))?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| d.sample(&mut rng) as f32).collect();
+    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?.to_device(device)?)
+}
+
 pub fn save_weights(vars: &[(String, Var)], dtype: DType, path: &Path) -> Result<()> {
     let mut tensors = std::collections::BTreeMap::new();
     for (name, v) in vars {

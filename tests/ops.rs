@@ -320,3 +320,111 @@ fn softmax_f32_is_accurate_over_the_whole_range() {
     // f32 rounding of (x - max) alone costs |x - max|·2^-24 ≈ 1e-5 relative at the small end
     assert!(rel < 2e-5, "relative error {rel}");
 }
+
+/// softmax(q kᵀ) v with the whole score matrix (candle's differentiable composition).
+fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+    let s = q.matmul(&k.t().unwrap()).unwrap();
+    candle_nn::ops::softmax(&s, D::Minus1)
+        .unwrap()
+        .matmul(v)
+        .unwrap()
+}
+
+#[test]
+fn chunked_attention_matches_the_full_matrix_forward_and_backward() {
+    // q [BH=3, N=10, d=4], k [3, M=7, 4], v [3, 7, dv=5]; chunks of 3 rows leave a partial one
+    let (q0, k0, v0) = (
+        randn(&[3, 10, 4], 1),
+        randn(&[3, 7, 4], 2),
+        randn(&[3, 7, 5], 3),
+    );
+    let w = randn(&[3, 10, 5], 4);
+    for chunk in [1, 3, 10, 64] {
+        for dtype in [DType::F64, DType::F32] {
+            let tol = if dtype == DType::F64 { 1e-12 } else { 2e-5 };
+            let vars: Vec<Var> = [&q0, &k0, &v0]
+                .iter()
+                .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap())
+                .collect();
+            let (q, k, v) = (
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+            );
+            let ours = ops::attention(q, k, v, chunk).unwrap();
+            let want = attention_reference(q, k, v);
+            assert!(
+                max_abs(&(&ours - &want).unwrap()) < tol,
+                "forward, chunk {chunk}"
+            );
+            let w = w.to_dtype(dtype).unwrap();
+            let g1 = (&ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&want * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, var) in ["q", "k", "v"].iter().zip(&vars) {
+                let a = g1
+                    .get(var.as_tensor())
+                    .expect("gradient from the chunked op");
+                let b = g2.get(var.as_tensor()).unwrap();
+                assert!(max_abs(a) > 1e-3, "{name}: zero gradient");
+                let err = max_abs(&(a - b).unwrap()) / max_abs(b);
+                assert!(
+                    err < tol,
+                    "d{name}, chunk {chunk}, {dtype:?}: relative error {err}"
+                );
+            }
+            // without tracked inputs the op records nothing
+            let plain = ops::attention(&q.detach(), &k.detach(), &v.detach(), chunk).unwrap();
+            assert!(!plain.track_op());
+        }
+    }
+    // the f64 backward also against finite differences (through q)
+    check_grad(&|q| ops::attention(q, &k0, &v0, 3).unwrap(), &q0, 1e-6);
+    assert!(ops::attention(&q0, &k0, &randn(&[3, 6, 5], 5), 3).is_err());
+}
+
+#[test]
+fn unet_attention_switches_to_chunks_above_the_budget_with_the_same_result() {
+    use sd_lora::prelude::*;
+    let cfg = UNetConfig::tiny();
+    let mut unet = UNet2DConditionModel::random(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+    unet.inject_lora(&LoraConfig::new(4, 4.0), &VarMap::new())
+        .unwrap();
+    // random B so that the LoRA path matters
+    for (_, var) in unet.lora_vars().unwrap() {
+        var.set(&(randn(var.dims(), 11).to_dtype(DType::F32).unwrap() * 0.1).unwrap())
+            .unwrap();
+    }
+    let x = randn(&[2, cfg.in_channels, 16, 16], 5)
+        .to_dtype(DType::F32)
+        .unwrap();
+    let ctx = randn(&[2, 77, cfg.cross_dims().unwrap()[0]], 6)
+        .to_dtype(DType::F32)
+        .unwrap();
+    let t = Tensor::new(&[10u32, 500], &Device::Cpu).unwrap();
+    let run = |budget: usize| {
+        ops::set_attention_chunk_bytes(budget);
+        let out = unet.forward(&x, &t, &ctx).unwrap();
+        let grads = out.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+        let g: Vec<Tensor> = unet
+            .lora_vars()
+            .unwrap()
+            .iter()
+            .map(|(n, v)| {
+                grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("no grad {n}"))
+                    .clone()
+            })
+            .collect();
+        (out, g)
+    };
+    let (out_full, g_full) = run(ops::ATTENTION_CHUNK_BYTES);
+    let (out_chunked, g_chunked) = run(4096); // every attention layer in chunks of a few rows
+    ops::set_attention_chunk_bytes(ops::ATTENTION_CHUNK_BYTES);
+    let rel = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap()) / max_abs(b);
+    assert!(rel(&out_chunked, &out_full) < 1e-5);
+    for (a, b) in g_chunked.iter().zip(&g_full) {
+        assert!(max_abs(a) > 0.0);
+        assert!(rel(a, b) < 1e-4, "gradient differs by {}", rel(a, b));
+    }
+}

@@ -344,7 +344,8 @@ fn the_disk_cache_is_reused_keyed_by_content_and_rebuilt_when_corrupt() {
     let (a, s1) = LatentCache::build_cached(&sd, &data, true, Some(&file)).unwrap();
     assert_eq!(
         (s1.images_encoded, s1.images_reused, s1.texts_encoded),
-        (4, 0, 1)
+        (4, 0, 2),
+        "the caption and the empty caption"
     );
     let (b, s2) = LatentCache::build_cached(&sd, &data, true, Some(&file)).unwrap();
     assert_eq!(
@@ -392,4 +393,36 @@ fn the_disk_cache_is_reused_keyed_by_content_and_rebuilt_when_corrupt() {
         "{:?}",
         s5.warnings
     );
+}
+
+#[test]
+fn caption_dropout_trains_on_the_empty_caption() {
+    let (_dir, sd, cache) = setup();
+    let empty = sd.encode_prompts(&[""]).unwrap().squeeze(0).unwrap();
+    assert_eq!(common::max_abs_diff(&cache.empty, &empty), 0.0);
+    assert!(common::max_abs_diff(&cache.embeddings[0], &empty) > 1e-3);
+    // the same data with every caption replaced by the empty one
+    let blank = LatentCache {
+        embeddings: vec![cache.empty.clone(); cache.len()],
+        ..cache.clone()
+    };
+    let loss = |p: f64, c: &LatentCache| {
+        let t = Trainer::new(
+            &sd,
+            TrainConfig {
+                caption_dropout: p,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        t.loss(&sd, c, &[0, 1, 2, 3], &mut rng)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    // dropout (almost) always: the captions no longer matter
+    assert_eq!(loss(0.999_999, &cache), loss(0.999_999, &blank));
+    // without dropout they do
+    assert_ne!(loss(0.0, &cache), loss(0.0, &blank));
 }

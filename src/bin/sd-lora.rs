@@ -137,7 +137,7 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Times a LoRA training step (`train`) or a 20-step generation (`generate`) on the CPU.
+    /// Times a LoRA training step (`train`) or a 20-step generation (`generate`).
     Bench {
         /// train or generate.
         what: String,
@@ -156,6 +156,13 @@ enum Cmd {
         /// Print one JSON line.
         #[arg(long)]
         json: bool,
+        /// cpu, cuda, cuda:N or auto (a GPU when there is one).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Compute dtype of the frozen weights: f32, f16, bf16 or auto (f32 on the CPU, bf16 on
+        /// GPUs). LoRA weights, optimizer state and the loss stay f32.
+        #[arg(long, default_value = "auto")]
+        dtype: String,
     },
 }
 
@@ -202,9 +209,12 @@ struct GenerateArgs {
     /// Weights variant, e.g. fp16.
     #[arg(long)]
     variant: Option<String>,
-    /// f32 or f16 (bf16 needs a GPU).
-    #[arg(long, default_value = "f32")]
+    /// f32, f16, bf16 (GPU only) or auto (f32 on the CPU, bf16 on GPUs).
+    #[arg(long, default_value = "auto")]
     dtype: String,
+    /// cpu, cuda, cuda:N or auto (the GPU when this build has CUDA and there is one).
+    #[arg(long, default_value = "auto")]
+    device: String,
     /// Output PNG; several images become <stem>-0.png, <stem>-1.png, ...
     #[arg(long)]
     out: PathBuf,
@@ -215,6 +225,13 @@ struct TrainArgs {
     /// A diffusers folder or a Hugging Face repo id.
     #[arg(long, default_value = sd_lora::pipeline::DEFAULT_MODEL)]
     model: String,
+    /// cpu, cuda, cuda:N or auto (the GPU when this build has CUDA and there is one).
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Dtype of the frozen weights and activations: f32, f16, bf16 or auto (f32 on the CPU,
+    /// bf16 on GPUs). LoRA weights, optimizer state and the loss are f32 always.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
     /// Image folder (png, jpg, jpeg, webp).
     #[arg(long)]
     data: PathBuf,
@@ -271,6 +288,10 @@ struct TrainArgs {
     min_snr_gamma: Option<f64>,
     #[arg(long, default_value_t = 0.0)]
     noise_offset: f64,
+    /// Train this fraction of examples on the empty caption (teaches the unconditional
+    /// prediction that guidance uses; 0.1 is common for training from scratch).
+    #[arg(long, default_value_t = 0.0)]
+    caption_dropout: f64,
     #[arg(long)]
     variant: Option<String>,
     /// Write sample images to RUN_DIR/samples every N optimizer steps (and at the end).
@@ -354,10 +375,12 @@ fn run() -> Result<()> {
             eprintln!("{report}");
         }
         Cmd::Generate(a) => {
+            let device = sd_lora::device::parse_device(&a.device)?;
             let opts = cli::GenerateOptions {
                 model: a.model,
                 variant: a.variant,
-                dtype: cli::parse_dtype(&a.dtype)?,
+                dtype: sd_lora::device::parse_dtype_for(&a.dtype, &device)?,
+                device,
                 loras: a.lora,
                 lora_scales: a.lora_scale,
                 merge: a.merge,
@@ -390,9 +413,12 @@ fn run() -> Result<()> {
                 other => bail!("unknown --lr-scheduler `{other}` (cosine-epoch, cosine, constant)"),
             };
             let (width, height) = cli::parse_resolution(&a.resolution)?;
+            let device = sd_lora::device::parse_device(&a.device)?;
             let opts = cli::TrainOptions {
                 model: a.model,
                 variant: a.variant,
+                dtype: sd_lora::device::parse_dtype_for(&a.dtype, &device)?,
+                device,
                 data: a.data,
                 out: a.out,
                 lora: sd_lora::lora::LoraConfig::new(
@@ -420,6 +446,7 @@ fn run() -> Result<()> {
                     warmup_steps: a.warmup_steps,
                     min_snr_gamma: a.min_snr_gamma,
                     noise_offset: a.noise_offset,
+                    caption_dropout: a.caption_dropout,
                     seed: a.seed,
                     ..Default::default()
                 },
@@ -445,13 +472,19 @@ fn run() -> Result<()> {
             batch,
             steps,
             json,
+            device,
+            dtype,
         } => {
+            let device = sd_lora::device::parse_device(&device)?;
+            let dtype = sd_lora::device::parse_dtype_for(&dtype, &device)?;
             let cfg = sd_lora::bench::BenchConfig {
                 model,
                 latent,
                 batch,
                 steps,
                 warmup: 1,
+                device,
+                dtype,
             };
             let report = match what.as_str() {
                 "train" => sd_lora::bench::bench_train(&cfg)?,

@@ -96,6 +96,27 @@ impl LoraLinear {
         })
     }
 
+    /// Wraps an existing weight `[out, in]` (and bias `[out]`) as a frozen layer named `name`,
+    /// without adapters.
+    pub fn new(name: &str, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_dim, _) = weight
+            .dims2()
+            .with_context(|| format!("{name}: the weight must be 2-D [out, in]"))?;
+        if let Some(b) = &bias {
+            if b.dims() != [out_dim] {
+                bail!("{name}: bias {:?} does not fit {out_dim} outputs", b.dims());
+            }
+        }
+        Ok(Self {
+            name: name.to_string(),
+            weight: weight.detach(),
+            bias: bias.map(|b| b.detach()),
+            conv1x1: false,
+            adapters: Vec::new(),
+            unmerged: None,
+        })
+    }
+
     /// Module path, equal to the diffusers checkpoint key without `.weight`.
     pub fn name(&self) -> &str {
         &self.name

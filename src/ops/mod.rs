@@ -6,6 +6,7 @@
 //! candle primitives, which candle differentiates itself. Half-precision inputs are computed in
 //! f32, f64 in f64.
 
+mod attention;
 mod col2im;
 mod cpu;
 mod frozen;
@@ -13,6 +14,10 @@ mod group_norm;
 mod norm;
 mod softmax;
 
+pub use attention::{
+    attention, attention_chunk_bytes, attention_chunk_rows, set_attention_chunk_bytes,
+    ATTENTION_CHUNK_BYTES,
+};
 pub use col2im::{conv2d_im2col, conv2d_input_grad};
 pub use frozen::{frozen_conv2d, frozen_linear};
 pub use group_norm::group_norm;

@@ -62,6 +62,20 @@ pub struct Images {
 }
 
 impl Images {
+    /// The images side by side in one row (small images scaled up, see
+    /// [`crate::plot::labelled_grid`]).
+    pub fn to_png(&self) -> Result<crate::plot::Png> {
+        crate::plot::labelled_grid(std::slice::from_ref(&self.images), &[], &[], None)
+    }
+
+    /// Inline display in evcxr notebooks (a PNG row of the images).
+    pub fn evcxr_display(&self) {
+        match self.to_png() {
+            Ok(p) => p.evcxr_display(),
+            Err(e) => println!("{e:#}"),
+        }
+    }
+
     /// Writes the images as PNG: one image to `path` itself; several to `stem-0.png`,
     /// `stem-1.png`, ... beside it. Returns the paths written.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<Vec<PathBuf>> {

@@ -88,7 +88,9 @@ pub struct DemoSummary {
     pub prompts: Vec<String>,
 }
 
-fn colour_match(images: &[image::RgbImage], prompts: &[String]) -> f64 {
+/// The fraction of `images` whose foreground colour (see [`super::metrics::dominant_colour`]) is
+/// the colour named in the prompt beside it.
+pub fn colour_match(images: &[image::RgbImage], prompts: &[String]) -> f64 {
     let hits = images
         .iter()
         .zip(prompts)

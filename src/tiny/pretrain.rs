@@ -48,6 +48,9 @@ pub struct PretrainConfig {
     pub unet_steps: usize,
     pub unet_batch: usize,
     pub unet_lr: f64,
+    /// Fraction of UNet examples trained on the empty caption, so that classifier-free
+    /// guidance has a learned unconditional prediction. Default 0.1.
+    pub caption_dropout: f64,
     pub save_every: usize,
     /// The final colour check: held-out prompts and DDIM steps. Default 60 and 20.
     pub quality_prompts: usize,
@@ -68,6 +71,7 @@ impl Default for PretrainConfig {
             unet_steps: 3000,
             unet_batch: 16,
             unet_lr: 1e-3,
+            caption_dropout: 0.1,
             save_every: 100,
             quality_prompts: 60,
             quality_steps: 20,
@@ -300,6 +304,7 @@ pub fn pretrain_tiny(
             floor: 0.1 * cfg.unet_lr,
         },
         warmup_steps: 50,
+        caption_dropout: cfg.caption_dropout,
         seed: cfg.seed,
         ..Default::default()
     };
@@ -310,6 +315,7 @@ pub fn pretrain_tiny(
         trainer.load_checkpoint(&p)?;
         // the command line may extend (or cut short) the run
         trainer.config.max_steps = Some(cfg.unet_steps);
+        trainer.config.caption_dropout = cfg.caption_dropout;
         log(&format!("UNet: resumed at step {}", trainer.step));
     }
     trainer.checkpoints = Some((ckpts, cfg.save_every));

@@ -30,6 +30,9 @@ pub struct LatentCache {
     pub flipped: Vec<(Tensor, Tensor)>,
     /// Per example: text embedding `[T, D]`.
     pub embeddings: Vec<Tensor>,
+    /// The embedding of the empty caption `[T, D]`: what caption dropout trains on, and the
+    /// unconditional half of classifier-free guidance.
+    pub empty: Tensor,
 }
 
 /// What [`LatentCache::build_cached`] did.
@@ -139,6 +142,33 @@ impl LatentCache {
         let mut flipped = Vec::new();
         let mut embeddings = Vec::new();
         let mut by_caption: HashMap<String, Tensor> = HashMap::new();
+        // (embedding, whether the text encoder ran)
+        let mut text =
+            |caption: &str, disk: &mut HashMap<String, Tensor>| -> Result<(Tensor, bool)> {
+                if let Some(e) = by_caption.get(caption) {
+                    return Ok((e.clone(), false));
+                }
+                let mut ran = false;
+                let name = format!("txt.{}", key(&[b"txt", caption.as_bytes()]));
+                let e = match disk.get(&name) {
+                    Some(e) => e.to_device(dev)?,
+                    None => {
+                        let e = sd
+                            .encode_prompts(&[caption])
+                            .with_context(|| format!("text-encoding {caption:?}"))?
+                            .squeeze(0)?
+                            .detach();
+                        ran = true;
+                        disk.insert(name, e.to_device(&Device::Cpu)?);
+                        e
+                    }
+                };
+                by_caption.insert(caption.to_string(), e.clone());
+                Ok((e, ran))
+            };
+        let mut texts_encoded = 0;
+        let (empty, ran) = text("", &mut disk)?;
+        texts_encoded += ran as usize;
         for ex in &data.examples {
             let dims: Vec<u8> = ex
                 .pixels
@@ -166,30 +196,12 @@ impl LatentCache {
                 stats.images_encoded += 1;
                 fresh = true;
             }
-            let e = match by_caption.get(&ex.caption) {
-                Some(e) => e.clone(),
-                None => {
-                    let name = format!("txt.{}", key(&[b"txt", ex.caption.as_bytes()]));
-                    let e = match disk.get(&name) {
-                        Some(e) => e.to_device(dev)?,
-                        None => {
-                            let e = sd
-                                .encode_prompts(&[ex.caption.as_str()])
-                                .with_context(|| format!("text-encoding {:?}", ex.caption))?
-                                .squeeze(0)?
-                                .detach();
-                            stats.texts_encoded += 1;
-                            fresh = true;
-                            disk.insert(name, e.to_device(&Device::Cpu)?);
-                            e
-                        }
-                    };
-                    by_caption.insert(ex.caption.clone(), e.clone());
-                    e
-                }
-            };
+            let (e, ran) = text(&ex.caption, &mut disk)?;
+            texts_encoded += ran as usize;
             embeddings.push(e);
         }
+        stats.texts_encoded = texts_encoded;
+        fresh |= texts_encoded > 0;
         if let (Some(p), true) = (file, fresh) {
             let tensors: BTreeMap<String, Tensor> = disk.into_iter().collect();
             let mut meta = HashMap::new();
@@ -204,6 +216,7 @@ impl LatentCache {
                 latents,
                 flipped,
                 embeddings,
+                empty,
             },
             stats,
         ))

@@ -38,6 +38,12 @@ pub struct TrainConfig {
     pub min_snr_gamma: Option<f64>,
     /// Noise offset (adds `offset · N(0, 1)` per sample and channel). Default 0.
     pub noise_offset: f64,
+    /// Probability of training an example on the empty caption instead of its own (kohya's
+    /// `caption_dropout_rate`, diffusers' `proportion_empty_prompts`). It teaches the
+    /// unconditional prediction that classifier-free guidance subtracts; 0.1 is common when
+    /// training a model from scratch. Default 0 (LoRA fine-tunes keep the base model's).
+    #[serde(default)]
+    pub caption_dropout: f64,
     pub seed: u64,
 }
 
@@ -57,6 +63,7 @@ impl Default for TrainConfig {
             max_grad_norm: Some(1.0),
             min_snr_gamma: None,
             noise_offset: 0.0,
+            caption_dropout: 0.0,
             seed: 202509,
         }
     }

@@ -95,6 +95,12 @@ impl Trainer {
         if !(config.lr.is_finite() && config.lr > 0.0) {
             bail!("learning rate must be a positive number, got {}", config.lr);
         }
+        if !(0.0..1.0).contains(&config.caption_dropout) {
+            bail!(
+                "caption dropout is a probability in [0, 1), got {}",
+                config.caption_dropout
+            );
+        }
         let optimizer = AdamW::new(vars, config.betas, config.eps, config.weight_decay)?;
         Ok(Self {
             rng: rand_chacha::ChaCha12Rng::seed_from_u64(config.seed),
@@ -131,7 +137,17 @@ impl Trainer {
             };
             let eps = randn(rng, m.dims(), dev)?;
             z.push((m + (lv.affine(0.5, 0.0)?.exp()? * eps)?)?);
-            ctx.push(cache.embeddings[i].clone());
+            // drawn only when enabled, so runs without dropout keep their random stream
+            let drop = self.config.caption_dropout > 0.0
+                && rng.random_bool(self.config.caption_dropout.min(1.0));
+            ctx.push(
+                if drop {
+                    &cache.empty
+                } else {
+                    &cache.embeddings[i]
+                }
+                .clone(),
+            );
         }
         let x0 = sd.vae.scale_latents(&Tensor::stack(&z, 0)?)?;
         let ctx = Tensor::stack(&ctx, 0)?;

@@ -58,9 +58,16 @@ impl Attention {
         };
         let q = (split(&q)? * (d as f64).powf(-0.5))?;
         let (k, v) = (split(&k)?, split(&v)?);
-        let scores = q.matmul(&k.t()?)?;
-        let probs = ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?;
+        let m = k.dim(1)?;
+        // the whole score matrix when it is small (faster); in query chunks with recomputation
+        // in the backward when it is large (SD 1.5 at 512 px: 4096 x 4096 per head)
+        let budget = ops::attention_chunk_bytes();
+        let out = if b * h * n * m * 4 <= budget {
+            ops::softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(&v)?
+        } else {
+            let rows = ops::attention_chunk_rows(b * h, m, budget);
+            ops::attention(&q, &k, &v, rows)?
+        };
         let out = out
             .reshape((b, h, n, d))?
             .transpose(1, 2)?

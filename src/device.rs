@@ -1,0 +1,71 @@
+//! Where the work runs: `--device cpu|cuda|cuda:N|auto` and the dtype that suits it.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+
+/// `cpu`; `cuda` (= `cuda:0`) or `cuda:N`; `auto` = the first CUDA GPU when this build has CUDA
+/// support and one is present, else the CPU.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let ordinal = match s {
+        "cpu" => return Ok(Device::Cpu),
+        "auto" => return Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        "cuda" => 0,
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .with_context(|| format!("unknown device `{other}` (cpu, cuda, cuda:N or auto)"))?,
+    };
+    if !candle_core::utils::cuda_is_available() {
+        bail!(
+            "device `{s}`: this build of sd-lora has no CUDA support; rebuild with \
+             `cargo build --release --features cuda` (see environment.md)"
+        );
+    }
+    Device::new_cuda(ordinal)
+        .with_context(|| format!("device `{s}`: cannot open CUDA GPU {ordinal}"))
+}
+
+/// The compute dtype for frozen weights and activations when none is asked for: f32 on the CPU
+/// (candle has no fast half-precision matmul there), bf16 on GPUs (the range of f32, so no loss
+/// scaling; the VAE too stays finite). LoRA weights, optimizer state and the loss are f32
+/// everywhere.
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    }
+}
+
+/// Parses `--dtype` (`auto` = [`default_dtype`]) and refuses bf16 on the CPU.
+pub fn parse_dtype_for(s: &str, device: &Device) -> Result<DType> {
+    let dtype = match s {
+        "auto" => default_dtype(device),
+        other => crate::cli::parse_dtype(other)?,
+    };
+    if dtype == DType::BF16 && device.is_cpu() {
+        bail!("bf16 compute is not available on the CPU (candle has no bf16 matmul there): use f32 or f16");
+    }
+    Ok(dtype)
+}
+
+/// Waits for queued GPU work (timings); nothing on the CPU.
+pub fn synchronize(device: &Device) -> Result<()> {
+    Ok(device.synchronize()?)
+}
+
+/// GPU memory in use (the whole device: total - free) in MiB; `None` on the CPU. candle's CUDA
+/// allocations come from a stream-ordered pool that keeps freed blocks, so after a step this
+/// is close to the step's peak.
+pub fn gpu_memory_used_mib(device: &Device) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::result;
+        let _ = d.cuda_stream().context().bind_to_thread();
+        if let Ok((free, total)) = result::mem_get_info() {
+            return Some((total - free) as f64 / (1024.0 * 1024.0));
+        }
+    }
+    let _ = device;
+    None
+}

@@ -1,0 +1,187 @@
+//! Memory-efficient scaled dot-product attention with a hand-written backward.
+//!
+//! `softmax(q kᵀ) v` computed in chunks of queries: the forward keeps only the output and the
+//! per-row log-sum-exp `L`; the backward recomputes each chunk's probabilities as
+//! `P = exp(q kᵀ - L)` (FlashAttention's recurrence, at chunk granularity, written with candle
+//! tensor ops so it runs on every device). The `[B·heads, N, M]` score matrix therefore never
+//! exists as a whole: neither in the forward nor in what the autograd graph keeps. At SD 1.5's
+//! 512 px (4096 latent tokens, 8 heads) that matrix is 512 MiB per image in f32 per attention
+//! layer, and a naive training step keeps two of them per layer for the backward.
+//!
+//! Scores and softmax statistics are computed in f32 whatever the input dtype; the matmuls run
+//! in the input dtype (bf16/f16 on GPUs).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Default of [`attention_chunk_bytes`]: 256 MiB.
+pub const ATTENTION_CHUNK_BYTES: usize = 256 << 20;
+
+static CHUNK_BYTES: AtomicUsize = AtomicUsize::new(ATTENTION_CHUNK_BYTES);
+
+/// The most bytes of f32 attention scores the UNet materialises at once: attention layers whose
+/// whole `[B·heads, N, M]` score matrix fits use the plain path, larger ones the chunked
+/// [`attention`] with chunks of at most this size. Lower it to trade speed for memory.
+pub fn attention_chunk_bytes() -> usize {
+    CHUNK_BYTES.load(Ordering::Relaxed)
+}
+
+/// Sets [`attention_chunk_bytes`] for the whole process (at least 1).
+pub fn set_attention_chunk_bytes(bytes: usize) {
+    CHUNK_BYTES.store(bytes.max(1), Ordering::Relaxed);
+}
+
+/// Query rows per chunk so that a `[bh, rows, m]` f32 block stays within `budget` bytes.
+pub fn attention_chunk_rows(bh: usize, m: usize, budget: usize) -> usize {
+    (budget / (bh * m * 4).max(1)).max(1)
+}
+
+/// `softmax(q kᵀ) v` for `q [BH, N, d]` (already scaled), `k [BH, M, d]`, `v [BH, M, dv]`,
+/// in chunks of `chunk` query rows. Differentiable in `q`, `k` and `v`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: usize) -> candle_core::Result<Tensor> {
+    let (bh, n, d) = q.dims3()?;
+    let (bk, m, dk) = k.dims3()?;
+    let (bv, mv, _) = v.dims3()?;
+    if bk != bh || bv != bh || dk != d || mv != m {
+        candle_core::bail!(
+            "attention: shapes q {:?}, k {:?}, v {:?} do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let chunk = chunk.clamp(1, n.max(1));
+    let (out, lse) = forward(&q.detach(), &k.detach(), &v.detach(), chunk)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    q.apply_op3(k, v, AttentionOp { out, lse, chunk })
+}
+
+/// Output `[BH, N, dv]` and row log-sum-exp `[BH, N, 1]` (f32), chunk by chunk.
+fn forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    chunk: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let n = q.dim(1)?;
+    let kt = k.t()?;
+    let mut outs = Vec::new();
+    let mut lses = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let s = q.narrow(1, start, len)?.matmul(&kt)?.to_dtype(DType::F32)?;
+        let max = s.max_keepdim(D::Minus1)?;
+        let e = s.broadcast_sub(&max)?.exp()?;
+        let sum = e.sum_keepdim(D::Minus1)?;
+        let p = e.broadcast_div(&sum)?.to_dtype(v.dtype())?;
+        outs.push(p.matmul(v)?);
+        lses.push((max + sum.log()?)?);
+        start += len;
+    }
+    Ok((Tensor::cat(&outs, 1)?, Tensor::cat(&lses, 1)?))
+}
+
+/// The graph node: its forward hands back the output computed by [`forward`]; its backward
+/// recomputes the probabilities chunk by chunk.
+struct AttentionOp {
+    out: Tensor,
+    lse: Tensor,
+    chunk: usize,
+}
+
+impl AttentionOp {
+    fn stored<S>(&self, pick: impl Fn(&Storage) -> Option<&S>) -> candle_core::Result<(S, Shape)>
+    where
+        S: BackendStorage,
+    {
+        let (storage, layout) = self.out.storage_and_layout();
+        let s = pick(&storage).ok_or_else(|| {
+            candle_core::Error::Msg("attention: output on another device than the inputs".into())
+        })?;
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("attention: the stored output is not a plain contiguous tensor");
+        }
+        Ok((s.try_clone(layout)?, layout.shape().clone()))
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "sd-lora-chunked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.stored(|s| match s {
+            Storage::Cpu(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.stored(|s| match s {
+            Storage::Cuda(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.detach());
+        let n = q.dim(1)?;
+        let kt = k.t()?;
+        let vt = v.t()?;
+        // D_i = sum_j dO_ij O_ij = sum_j P_ij dP_ij
+        let rows = (grad.to_dtype(DType::F32)? * self.out.to_dtype(DType::F32)?)?
+            .sum_keepdim(D::Minus1)?;
+        let mut dq = Vec::new();
+        let mut dk = Tensor::zeros(k.dims(), DType::F32, k.device())?;
+        let mut dv = Tensor::zeros(v.dims(), DType::F32, v.device())?;
+        let mut start = 0;
+        while start < n {
+            let len = self.chunk.min(n - start);
+            let qc = q.narrow(1, start, len)?;
+            let go = grad.narrow(1, start, len)?;
+            let s = qc.matmul(&kt)?.to_dtype(DType::F32)?;
+            let p = s.broadcast_sub(&self.lse.narrow(1, start, len)?)?.exp()?;
+            let pl = p.to_dtype(v.dtype())?;
+            dv = (dv + pl.t()?.matmul(&go)?.to_dtype(DType::F32)?)?;
+            let dp = go.matmul(&vt)?.to_dtype(DType::F32)?;
+            let ds = (p * dp.broadcast_sub(&rows.narrow(1, start, len)?)?)?.to_dtype(q.dtype())?;
+            dq.push(ds.matmul(&k)?);
+            dk = (dk + ds.t()?.matmul(&qc)?.to_dtype(DType::F32)?)?;
+            start += len;
+        }
+        Ok((
+            Some(Tensor::cat(&dq, 1)?),
+            Some(dk.to_dtype(k.dtype())?),
+            Some(dv.to_dtype(v.dtype())?),
+        ))
+    }
+}
