@@ -24,12 +24,21 @@ for lib in "$CUDA_HOME"/lib/lib*.so.*; do
     [[ -e "$base" ]] || ln -s "$(basename "$lib")" "$base"
 done
 # libcuda.so is the driver: a stub that only satisfies the linker (the real one is loaded at
-# run time on a GPU machine)
+# run time on a GPU machine). It defines every driver function cudarc declares (taken from
+# cudarc's source, the version in Cargo.lock).
 STUB="$CUDA_VENV/stub"
-if [[ ! -f "$STUB/libcuda.so" ]]; then
+CUDARC_VERSION=$(sed -n '/^name = "cudarc"$/{n;s/^version = "\(.*\)"$/\1/p}' Cargo.lock)
+if [[ ! -f "$STUB/libcuda.so" || ! -f "$STUB/.cudarc-$CUDARC_VERSION" ]]; then
+    cargo fetch --locked >/dev/null
+    src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"cudarc-$CUDARC_VERSION" | head -1)
     mkdir -p "$STUB"
-    echo 'void cuInit(void) {}' > "$STUB/stub.c"
+    grep -ohE '^\s+fn cu[A-Za-z0-9_]+\(' "$src"/src/driver/sys/mod.rs |
+        sed -E 's/^\s+fn (cu[A-Za-z0-9_]+)\(/\1/' | sort -u |
+        awk '{ print "int " $1 "(void) { return 999; }" }' > "$STUB/stub.c"
     cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$STUB/libcuda.so" "$STUB/stub.c"
+    rm -f "$STUB"/.cudarc-*
+    touch "$STUB/.cudarc-$CUDARC_VERSION"
+    echo "libcuda stub: $(wc -l < "$STUB/stub.c") driver functions from cudarc $CUDARC_VERSION"
 fi
 export PATH="$CUDA_HOME/bin:$PATH"
 export LIBRARY_PATH="$CUDA_HOME/lib:$STUB${LIBRARY_PATH:+:$LIBRARY_PATH}"

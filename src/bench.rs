@@ -104,8 +104,20 @@ pub fn peak_rss_mib() -> Option<f64> {
 
 /// Resets the peak resident set size (`VmHWM`) to the current one (Linux: writes 5 to
 /// `/proc/self/clear_refs`), so that [`peak_rss_mib`] measures the peak of what runs next.
-/// Returns false where the kernel does not allow it.
+/// First hands freed heap memory back to the system (glibc `malloc_trim`): otherwise memory
+/// that an earlier run freed but the allocator kept would count towards the next run's peak.
+/// Returns false where the kernel does not allow the reset.
 pub fn reset_peak_rss() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: glibc's malloc_trim only releases free memory; it takes no pointers.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 

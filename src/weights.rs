@@ -252,6 +252,9 @@ impl WeightSource {
 /// own `Tensor::randn` cannot be seeded on the CPU). f32.
 pub fn randn_seeded(seed: u64, dims: &[usize], std: f64, device: &Device) -> Result<Tensor> {
     use rand_distr::{Distribution, Normal};
+    if !(std.is_finite() && std >= 0.0) {
+        bail!("randn_seeded: the standard deviation must be a finite number >= 0, got {std}");
+    }
     let d = Normal::new(0.0, std).with_context(|| format!("invalid standard deviation {std}"))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let n: usize = dims.iter().product();

@@ -100,7 +100,9 @@ fn caption_dropout_outside_0_1_is_refused() {
             caption_dropout: p,
             ..Default::default()
         };
-        let e = Trainer::new(&sd, cfg).err().expect("refused");
+        let Err(e) = Trainer::new(&sd, cfg) else {
+            panic!("caption dropout {p} accepted")
+        };
         assert!(e.to_string().contains("caption dropout"), "{e}");
     }
 }

@@ -8,8 +8,8 @@
 //! 512 px (4096 latent tokens, 8 heads) that matrix is 512 MiB per image in f32 per attention
 //! layer, and a naive training step keeps two of them per layer for the backward.
 //!
-//! Scores and softmax statistics are computed in f32 whatever the input dtype; the matmuls run
-//! in the input dtype (bf16/f16 on GPUs).
+//! Scores and softmax statistics are computed in f32 (f64 for f64 inputs); the matmuls run in
+//! the input dtype (bf16/f16 on GPUs).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
@@ -59,7 +59,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: usize) -> candle_cor
     q.apply_op3(k, v, AttentionOp { out, lse, chunk })
 }
 
-/// Output `[BH, N, dv]` and row log-sum-exp `[BH, N, 1]` (f32), chunk by chunk.
+/// The dtype of scores and softmax statistics: f64 for f64 inputs, else f32.
+fn stat_dtype(t: &Tensor) -> DType {
+    if t.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Output `[BH, N, dv]` and row log-sum-exp `[BH, N, 1]` (f32, or f64), chunk by chunk.
 fn forward(
     q: &Tensor,
     k: &Tensor,
@@ -67,13 +76,14 @@ fn forward(
     chunk: usize,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let n = q.dim(1)?;
+    let f = stat_dtype(q);
     let kt = k.t()?;
     let mut outs = Vec::new();
     let mut lses = Vec::new();
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let s = q.narrow(1, start, len)?.matmul(&kt)?.to_dtype(DType::F32)?;
+        let s = q.narrow(1, start, len)?.matmul(&kt)?.to_dtype(f)?;
         let max = s.max_keepdim(D::Minus1)?;
         let e = s.broadcast_sub(&max)?.exp()?;
         let sum = e.sum_keepdim(D::Minus1)?;
@@ -155,27 +165,27 @@ impl CustomOp3 for AttentionOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.detach());
         let n = q.dim(1)?;
+        let f = stat_dtype(&q);
         let kt = k.t()?;
         let vt = v.t()?;
         // D_i = sum_j dO_ij O_ij = sum_j P_ij dP_ij
-        let rows = (grad.to_dtype(DType::F32)? * self.out.to_dtype(DType::F32)?)?
-            .sum_keepdim(D::Minus1)?;
+        let rows = (grad.to_dtype(f)? * self.out.to_dtype(f)?)?.sum_keepdim(D::Minus1)?;
         let mut dq = Vec::new();
-        let mut dk = Tensor::zeros(k.dims(), DType::F32, k.device())?;
-        let mut dv = Tensor::zeros(v.dims(), DType::F32, v.device())?;
+        let mut dk = Tensor::zeros(k.dims(), f, k.device())?;
+        let mut dv = Tensor::zeros(v.dims(), f, v.device())?;
         let mut start = 0;
         while start < n {
             let len = self.chunk.min(n - start);
             let qc = q.narrow(1, start, len)?;
             let go = grad.narrow(1, start, len)?;
-            let s = qc.matmul(&kt)?.to_dtype(DType::F32)?;
+            let s = qc.matmul(&kt)?.to_dtype(f)?;
             let p = s.broadcast_sub(&self.lse.narrow(1, start, len)?)?.exp()?;
             let pl = p.to_dtype(v.dtype())?;
-            dv = (dv + pl.t()?.matmul(&go)?.to_dtype(DType::F32)?)?;
-            let dp = go.matmul(&vt)?.to_dtype(DType::F32)?;
+            dv = (dv + pl.t()?.matmul(&go)?.to_dtype(f)?)?;
+            let dp = go.matmul(&vt)?.to_dtype(f)?;
             let ds = (p * dp.broadcast_sub(&rows.narrow(1, start, len)?)?)?.to_dtype(q.dtype())?;
             dq.push(ds.matmul(&k)?);
-            dk = (dk + ds.t()?.matmul(&qc)?.to_dtype(DType::F32)?)?;
+            dk = (dk + ds.t()?.matmul(&qc)?.to_dtype(f)?)?;
             start += len;
         }
         Ok((

@@ -31,6 +31,8 @@ pub struct DemoConfig {
     pub lr: f64,
     pub rank: usize,
     pub alpha: f64,
+    /// Fraction of steps trained on the empty caption (see [`TrainConfig::caption_dropout`]).
+    pub caption_dropout: f64,
     /// Prompts rendered before and after, one seed each (index = seed). Default 8 scenes.
     pub prompts: Vec<String>,
     /// DDIM steps per sample. Default 20.
@@ -48,6 +50,7 @@ impl Default for DemoConfig {
             lr: 1e-3,
             rank: 16,
             alpha: 32.0,
+            caption_dropout: 0.0,
             prompts: demo_prompts(8),
             sample_steps: 20,
             seed: 202509,
@@ -82,6 +85,10 @@ pub struct DemoSummary {
     pub style_base: StyleScore,
     pub style_lora: StyleScore,
     pub style_target: StyleScore,
+    /// The training images after a VAE round trip (encode, decode): the most any UNet, and
+    /// so any LoRA, can reach through this VAE. `style_shift_ceiling` = its shift.
+    pub style_score_vae_round_trip: f64,
+    pub style_shift_ceiling: f64,
     /// Base-model samples whose foreground colour matches the prompt's.
     pub colour_match_base: f64,
     pub colour_match_lora: f64,
@@ -108,6 +115,23 @@ pub fn colour_accuracy(sd: &StableDiffusion, n: usize, seed: u64, steps: usize) 
     let prompts: Vec<String> = scenes(n, seed).iter().map(|s| s.caption()).collect();
     let images = sample_prompts(sd, &prompts, steps)?;
     Ok(colour_match(&images, &prompts))
+}
+
+/// Each image encoded (latent mean) and decoded by the pipeline's VAE.
+pub fn vae_round_trip(
+    sd: &StableDiffusion,
+    images: &[image::RgbImage],
+) -> Result<Vec<image::RgbImage>> {
+    images
+        .iter()
+        .map(|img| {
+            let x = crate::data::image_to_tensor(img, &sd.device)?
+                .to_dtype(sd.dtype)?
+                .unsqueeze(0)?;
+            let y = sd.vae.decode(&sd.vae.encode(&x)?.mean)?;
+            crate::data::tensor_to_image(&y.squeeze(0)?)
+        })
+        .collect()
 }
 
 /// One image per prompt, seed = prompt index.
@@ -188,6 +212,7 @@ pub fn run_demo(cfg: &DemoConfig, log: &mut dyn FnMut(&str)) -> Result<DemoSumma
         schedule: LrSchedule::CosineEpoch {
             eta_min: cfg.lr * 0.01,
         },
+        caption_dropout: cfg.caption_dropout,
         seed: cfg.seed,
         ..Default::default()
     };
@@ -242,6 +267,7 @@ pub fn run_demo(cfg: &DemoConfig, log: &mut dyn FnMut(&str)) -> Result<DemoSumma
         mean_style_score(&after),
         mean_style_score(&targets),
     );
+    let sv = mean_style_score(&vae_round_trip(&sd, &targets)?);
     let h = &trainer.history;
     let k = (h.len() / 10).max(1);
     let mean = |s: &[crate::train::StepRecord]| {
@@ -263,6 +289,8 @@ pub fn run_demo(cfg: &DemoConfig, log: &mut dyn FnMut(&str)) -> Result<DemoSumma
         style_base: sb,
         style_lora: sl,
         style_target: st,
+        style_score_vae_round_trip: sv.score,
+        style_shift_ceiling: (sv.score - sb.score) / (st.score - sb.score),
         colour_match_base: colour_match(&before, &cfg.prompts),
         colour_match_lora: colour_match(&after, &cfg.prompts),
         prompts: cfg.prompts.clone(),

@@ -354,6 +354,8 @@ pub fn pretrain_tiny(
             "sample_steps": cfg.quality_steps,
             "vae_steps": cfg.vae_steps,
             "unet_steps": trainer.step,
+            "caption_dropout": cfg.caption_dropout,
+            "guidance": 7.5,
             "scenes": cfg.scenes,
             "seed": cfg.seed,
             "check": "sd_lora::tiny::demo::colour_accuracy",
