@@ -22,14 +22,20 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
         print(m["executable"])')
-    mkdir -p gpu-check/bin
-    cp "$CARGO_TARGET_DIR/release/sd-lora" gpu-check/bin/
-    cp "$test_bin" gpu-check/bin/cuda-tests
+    # stripped and gzipped: the device tool carries at most 64 MiB with the working tree
+    # (~160 MB each as built, ~60 MB stripped, ~17 MB gzipped)
+    rm -rf gpu-check/bin && mkdir -p gpu-check/bin
+    strip -o gpu-check/bin/sd-lora "$CARGO_TARGET_DIR/release/sd-lora"
+    strip -o gpu-check/bin/cuda-tests "$test_bin"
+    gzip -9 gpu-check/bin/sd-lora gpu-check/bin/cuda-tests
     grep -qx '/gpu-check/' .git/info/exclude 2>/dev/null || echo '/gpu-check/' >> .git/info/exclude
     ls -la gpu-check/bin
     echo "now: device run with carry [\"gpu-check\"] and command ./scripts/gpu-check.sh run"
     ;;
 run)
+    for f in sd-lora cuda-tests; do
+        [[ -x gpu-check/bin/$f ]] || { gunzip -c "gpu-check/bin/$f.gz" > "gpu-check/bin/$f"; chmod +x "gpu-check/bin/$f"; }
+    done
     # CUDA 13 libraries from the machine's PyTorch venv; the driver's libcuda is on the loader path
     py=$(command -v python3)
     libs=$("$py" -c 'import nvidia, os, glob; print(":".join(sorted(glob.glob(os.path.join(nvidia.__path__[0], "*", "lib")))))' 2>/dev/null || true)
