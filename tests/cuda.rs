@@ -2,6 +2,8 @@
 //! `scripts/gpu-check.sh`). Without a GPU every test returns early, saying so.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use sd_lora::prelude::*;
 
 fn gpu() -> Option<Device> {
@@ -14,33 +16,10 @@ fn gpu() -> Option<Device> {
     }
 }
 
+/// max|a - b| / max|b| on the CPU.
 fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let b = b
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let d = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let m = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    d / m.max(1e-12)
+    let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+    common::rel_err(&cpu(a), &cpu(b))
 }
 
 fn tiny(device: &Device, dtype: DType) -> StableDiffusion {

@@ -1,6 +1,8 @@
 //! The small helpers the notebooks lean on: seeded random tensors, image <-> tensor,
 //! `LoraLinear::new`, and caption dropout in the trainer's config.
 
+mod common;
+
 use sd_lora::prelude::*;
 
 #[test]
@@ -9,16 +11,7 @@ fn randn_seeded_is_reproducible_and_has_the_asked_spread() {
     let a = randn_seeded(7, &[200, 50], 0.5, &dev).unwrap();
     let b = randn_seeded(7, &[200, 50], 0.5, &dev).unwrap();
     let c = randn_seeded(8, &[200, 50], 0.5, &dev).unwrap();
-    let diff = |x: &Tensor, y: &Tensor| {
-        (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let diff = common::max_abs_diff;
     assert_eq!(diff(&a, &b), 0.0);
     assert!(diff(&a, &c) > 0.1);
     let std = a

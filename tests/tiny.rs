@@ -149,6 +149,12 @@ fn shortened_demo_on_the_shipped_model_shifts_the_style() {
     assert_eq!(s.steps, 10 * 15);
     assert_eq!(s.trainable_params, 70_656);
     assert!(s.loss_last_mean < s.loss_first_mean, "{s:?}");
+    // the VAE round trip of the anime images lies between the base look and the originals
+    assert!(
+        s.style_score_base < s.style_score_vae_round_trip
+            && s.style_score_vae_round_trip < s.style_score_target,
+        "{s:?}"
+    );
     assert!(
         s.style_shift >= MIN_SHORT_DEMO_SHIFT,
         "style moved only {:.2}",

@@ -163,6 +163,10 @@ enum Cmd {
         /// GPUs). LoRA weights, optimizer state and the loss stay f32.
         #[arg(long, default_value = "auto")]
         dtype: String,
+        /// Attention score bytes materialised at once, MiB (default 256; larger layers run in
+        /// query chunks). A huge value keeps every score matrix whole, for comparison.
+        #[arg(long)]
+        attention_chunk_mib: Option<usize>,
     },
 }
 
@@ -474,7 +478,11 @@ fn run() -> Result<()> {
             json,
             device,
             dtype,
+            attention_chunk_mib,
         } => {
+            if let Some(mib) = attention_chunk_mib {
+                sd_lora::ops::set_attention_chunk_bytes(mib << 20);
+            }
             let device = sd_lora::device::parse_device(&device)?;
             let dtype = sd_lora::device::parse_dtype_for(&dtype, &device)?;
             let cfg = sd_lora::bench::BenchConfig {
