@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""The workload of benches/generate.rs in diffusers: CFG 7.5, DDIM, 20 steps, one image, random
-weights, CPU f32, 2 threads. Needs the CLIP BPE list (scripts/fetch-clip-bpe.sh).
+"""`sd-lora bench generate` in diffusers: CFG 7.5, DDIM, 20 steps, `--batch` images per prompt,
+random weights, CPU f32, 2 threads, text encoding and VAE decoding included. Prints the same
+JSON line as `sd-lora bench generate --json`. Needs the CLIP BPE list (scripts/fetch-clip-bpe.sh).
 
-    ~/.cache/sd-lora/golden-venv/bin/python benches/peer/generate_diffusers.py [tiny|sd15]
+    ~/.cache/sd-lora/golden-venv/bin/python benches/peer/generate_diffusers.py --model tiny --latent 16
 """
+import argparse
+import json
+import resource
 import os
 import sys
 import tempfile
@@ -31,24 +35,37 @@ TINY_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("U
                 block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8)
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 TINY_TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
-CASES = {"tiny 64px": (TINY_UNET, TINY_VAE, TINY_TEXT, 64, 3), "sd15 256px": (SD15_UNET, SD15_VAE, SD15_TEXT, 256, 1)}
+CONFIGS = {"tiny": (TINY_UNET, TINY_VAE, TINY_TEXT), "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT)}
 
-for name, (u, v, t, px, runs) in CASES.items():
-    if len(sys.argv) > 1 and sys.argv[1] not in name:
-        continue
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", **t))
-    pipe = StableDiffusionPipeline(vae=AutoencoderKL(**v), text_encoder=te, tokenizer=tok, unet=UNet2DConditionModel(**u),
-                                   scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                                           steps_offset=1, clip_sample=False, set_alpha_to_one=False),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    kw = dict(prompt="a photo of a cat", num_inference_steps=20, guidance_scale=7.5, height=px, width=px)
-    with torch.no_grad():
-        pipe(**dict(kw, num_inference_steps=1))
-        ts = []
-        for _ in range(runs):
-            s = time.perf_counter()
-            pipe(**kw)
-            ts.append(time.perf_counter() - s)
-    ts.sort()
-    print(f"| {name} | diffusers | {ts[len(ts) // 2]:.2f} ({ts[0]:.2f}-{ts[-1]:.2f}) |", flush=True)
+p = argparse.ArgumentParser()
+p.add_argument("--model", default="tiny", choices=CONFIGS)
+p.add_argument("--latent", type=int, default=16)
+p.add_argument("--batch", type=int, default=1)
+p.add_argument("--steps", type=int, default=3, help="timed runs after a 1-step warm-up")
+a = p.parse_args()
+u, v, t = CONFIGS[a.model]
+torch.manual_seed(0)
+te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", **t))
+vae = AutoencoderKL(**v)
+px = a.latent * 2 ** (len(vae.config.block_out_channels) - 1)
+unet = UNet2DConditionModel(**u)
+pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                               scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                       steps_offset=1, clip_sample=False, set_alpha_to_one=False),
+                               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+pipe.set_progress_bar_config(disable=True)
+kw = dict(prompt="a photo of a cat", num_inference_steps=20, guidance_scale=7.5, height=px, width=px,
+          num_images_per_prompt=a.batch)
+with torch.no_grad():
+    pipe(**dict(kw, num_inference_steps=1))
+    ts = []
+    for _ in range(a.steps):
+        s = time.perf_counter()
+        pipe(**kw)
+        ts.append(time.perf_counter() - s)
+ts.sort()
+print(json.dumps(dict(
+    kind="generate", model=a.model, latent=a.latent, batch=a.batch, steps=a.steps, median_s=ts[len(ts) // 2],
+    min_s=ts[0], max_s=ts[-1], peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    total_params=sum(q.numel() for m in (unet, vae, te) for q in m.parameters()),
+    threads=torch.get_num_threads(), implementation="diffusers")))

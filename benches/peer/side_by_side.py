@@ -16,11 +16,14 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 OURS = os.path.join(TARGET, "release", "sd-lora")
 PY = sys.executable
-PEER = {"train": os.path.join(ROOT, "benches", "peer", "train_diffusers.py")}
+PEER = {"train": os.path.join(ROOT, "benches", "peer", "train_diffusers.py"),
+        "generate": os.path.join(ROOT, "benches", "peer", "generate_diffusers.py")}
 # (what, model, latent, batch, steps)
 CASES = [
     ("train", "tiny", 32, 4, 5),
     ("train", "sd15", 32, 1, 3),
+    ("generate", "tiny", 16, 1, 3),
+    ("generate", "sd15", 16, 1, 1),
 ]
 
 

@@ -109,6 +109,9 @@ enum Cmd {
         work: PathBuf,
         #[arg(long)]
         vae_steps: Option<usize>,
+        /// Decoder-only VAE fine-tune steps (phase 1b, default 1500; 0 skips it).
+        #[arg(long)]
+        vae_decoder_steps: Option<usize>,
         #[arg(long)]
         unet_steps: Option<usize>,
         #[arg(long)]
@@ -522,6 +525,7 @@ fn run() -> Result<()> {
             out,
             work,
             vae_steps,
+            vae_decoder_steps,
             unet_steps,
             scenes,
         } => {
@@ -530,6 +534,7 @@ fn run() -> Result<()> {
                 out,
                 work,
                 vae_steps: vae_steps.unwrap_or(d.vae_steps),
+                vae_decoder_steps: vae_decoder_steps.unwrap_or(d.vae_decoder_steps),
                 unet_steps: unet_steps.unwrap_or(d.unet_steps),
                 scenes: scenes.unwrap_or(d.scenes),
                 ..d

@@ -33,6 +33,8 @@ pub struct DemoConfig {
     pub alpha: f64,
     /// Fraction of steps trained on the empty caption (see [`TrainConfig::caption_dropout`]).
     pub caption_dropout: f64,
+    /// Min-SNR loss weighting (see [`TrainConfig::min_snr_gamma`]). Default None.
+    pub min_snr_gamma: Option<f64>,
     /// Prompts rendered before and after, one seed each (index = seed). Default 8 scenes.
     pub prompts: Vec<String>,
     /// DDIM steps per sample. Default 20.
@@ -51,6 +53,7 @@ impl Default for DemoConfig {
             rank: 16,
             alpha: 32.0,
             caption_dropout: 0.0,
+            min_snr_gamma: None,
             prompts: demo_prompts(8),
             sample_steps: 20,
             seed: 202509,
@@ -213,6 +216,7 @@ pub fn run_demo(cfg: &DemoConfig, log: &mut dyn FnMut(&str)) -> Result<DemoSumma
             eta_min: cfg.lr * 0.01,
         },
         caption_dropout: cfg.caption_dropout,
+        min_snr_gamma: cfg.min_snr_gamma,
         seed: cfg.seed,
         ..Default::default()
     };
