@@ -166,8 +166,8 @@ enum Cmd {
         /// GPUs). LoRA weights, optimizer state and the loss stay f32.
         #[arg(long, default_value = "auto")]
         dtype: String,
-        /// Attention score bytes materialised at once, MiB (default 256; larger layers run in
-        /// query chunks). A huge value keeps every score matrix whole, for comparison.
+        /// Attention score bytes materialised at once, MiB (default 4 on the CPU, 256 on GPUs;
+        /// larger layers run in query chunks). A huge value keeps every score matrix whole.
         #[arg(long)]
         attention_chunk_mib: Option<usize>,
     },
@@ -318,6 +318,7 @@ struct TrainArgs {
 }
 
 fn main() {
+    sd_lora::device::tune_cpu_allocator();
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -15,21 +15,33 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Default of [`attention_chunk_bytes`]: 256 MiB.
+/// Default of [`attention_chunk_bytes`] on GPUs: 256 MiB (fewer, larger kernels).
 pub const ATTENTION_CHUNK_BYTES: usize = 256 << 20;
+/// Default of [`attention_chunk_bytes`] on the CPU: 4 MiB. Chunks of this size ran as fast as
+/// whole score matrices on the 2-core machine (the tiny training step: 0.91-1.10 s vs
+/// 1.03-1.09 s) with a third of the peak memory (283 vs 1,030 MiB); BENCHMARKS.md, issue 9.
+pub const ATTENTION_CHUNK_BYTES_CPU: usize = 4 << 20;
 
-static CHUNK_BYTES: AtomicUsize = AtomicUsize::new(ATTENTION_CHUNK_BYTES);
+/// 0 = the per-device default.
+static CHUNK_BYTES: AtomicUsize = AtomicUsize::new(0);
 
-/// The most bytes of f32 attention scores the UNet materialises at once: attention layers whose
-/// whole `[B·heads, N, M]` score matrix fits use the plain path, larger ones the chunked
-/// [`attention`] with chunks of at most this size. Lower it to trade speed for memory.
-pub fn attention_chunk_bytes() -> usize {
-    CHUNK_BYTES.load(Ordering::Relaxed)
+/// The most bytes of f32 attention scores the UNet materialises at once on `device`: attention
+/// layers whose whole `[B·heads, N, M]` score matrix fits use the plain path, larger ones the
+/// chunked [`attention`] with chunks of at most this size. Default
+/// [`ATTENTION_CHUNK_BYTES_CPU`] on the CPU, [`ATTENTION_CHUNK_BYTES`] elsewhere, unless
+/// [`set_attention_chunk_bytes`] chose a size.
+pub fn attention_chunk_bytes(device: &candle_core::Device) -> usize {
+    match CHUNK_BYTES.load(Ordering::Relaxed) {
+        0 if device.is_cpu() => ATTENTION_CHUNK_BYTES_CPU,
+        0 => ATTENTION_CHUNK_BYTES,
+        b => b,
+    }
 }
 
-/// Sets [`attention_chunk_bytes`] for the whole process (at least 1).
+/// Sets [`attention_chunk_bytes`] for every device in the whole process; 0 restores the
+/// per-device defaults.
 pub fn set_attention_chunk_bytes(bytes: usize) {
-    CHUNK_BYTES.store(bytes.max(1), Ordering::Relaxed);
+    CHUNK_BYTES.store(bytes, Ordering::Relaxed);
 }
 
 /// Query rows per chunk so that a `[bh, rows, m]` f32 block stays within `budget` bytes.
@@ -84,12 +96,10 @@ fn forward(
     while start < n {
         let len = chunk.min(n - start);
         let s = q.narrow(1, start, len)?.matmul(&kt)?.to_dtype(f)?;
-        let max = s.max_keepdim(D::Minus1)?;
-        let e = s.broadcast_sub(&max)?.exp()?;
-        let sum = e.sum_keepdim(D::Minus1)?;
-        let p = e.broadcast_div(&sum)?.to_dtype(v.dtype())?;
+        let lse = super::logsumexp_rows(&s)?;
+        let p = super::exp_sub_rows(&s, &lse)?.to_dtype(v.dtype())?;
         outs.push(p.matmul(v)?);
-        lses.push((max + sum.log()?)?);
+        lses.push(lse);
         start += len;
     }
     Ok((Tensor::cat(&outs, 1)?, Tensor::cat(&lses, 1)?))
@@ -179,11 +189,12 @@ impl CustomOp3 for AttentionOp {
             let qc = q.narrow(1, start, len)?;
             let go = grad.narrow(1, start, len)?;
             let s = qc.matmul(&kt)?.to_dtype(f)?;
-            let p = s.broadcast_sub(&self.lse.narrow(1, start, len)?)?.exp()?;
+            let p = super::exp_sub_rows(&s, &self.lse.narrow(1, start, len)?)?;
             let pl = p.to_dtype(v.dtype())?;
             dv = (dv + pl.t()?.matmul(&go)?.to_dtype(f)?)?;
             let dp = go.matmul(&vt)?.to_dtype(f)?;
-            let ds = (p * dp.broadcast_sub(&rows.narrow(1, start, len)?)?)?.to_dtype(q.dtype())?;
+            let ds =
+                super::mul_sub_rows(&p, &dp, &rows.narrow(1, start, len)?)?.to_dtype(q.dtype())?;
             dq.push(ds.matmul(&k)?);
             dk = (dk + ds.t()?.matmul(&qc)?.to_dtype(f)?)?;
             start += len;

@@ -12,14 +12,16 @@ mod cpu;
 mod frozen;
 mod group_norm;
 mod norm;
+mod rows;
 mod softmax;
 
 pub use attention::{
     attention, attention_chunk_bytes, attention_chunk_rows, set_attention_chunk_bytes,
-    ATTENTION_CHUNK_BYTES,
+    ATTENTION_CHUNK_BYTES, ATTENTION_CHUNK_BYTES_CPU,
 };
 pub use col2im::{conv2d_im2col, conv2d_input_grad};
 pub use frozen::{frozen_conv2d, frozen_linear};
 pub use group_norm::group_norm;
 pub use norm::{layer_norm, layer_norm_composed};
+pub use rows::{exp_sub_rows, logsumexp_rows, mul_sub_rows};
 pub use softmax::softmax_last_dim;

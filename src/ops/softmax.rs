@@ -9,7 +9,7 @@ use super::cpu::{last_dim, run_kernel, CResult, Elem, Kernel};
 const LANES: usize = 8;
 
 /// Max over a row with 8 independent accumulators, so the loop vectorises.
-fn lane_max<T: Elem>(r: &[T]) -> T::C {
+pub(crate) fn lane_max<T: Elem>(r: &[T]) -> T::C {
     let mut acc = [T::C::neg_infinity(); LANES];
     let mut chunks = r.chunks_exact(LANES);
     for c in &mut chunks {

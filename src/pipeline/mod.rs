@@ -72,13 +72,17 @@ impl StableDiffusion {
         Self::from_folder(&root, variant, opts.dtype, &opts.device)
     }
 
-    /// Loads every component from a diffusers pipeline folder.
+    /// Loads every component from a diffusers pipeline folder. On the CPU this also settles
+    /// the allocator for tensor work ([`crate::device::tune_cpu_allocator`]).
     pub fn from_folder(
         root: &Path,
         variant: Option<&str>,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        if device.is_cpu() {
+            crate::device::tune_cpu_allocator();
+        }
         let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
         let text_encoder = ClipTextModel::load(root.join("text_encoder"), variant, dtype, device)?;
         let vae = AutoencoderKL::load(root.join("vae"), variant, dtype, device)?;
@@ -116,6 +120,9 @@ impl StableDiffusion {
         device: &Device,
     ) -> Result<Self> {
         use crate::weights::WeightSource;
+        if device.is_cpu() {
+            crate::device::tune_cpu_allocator();
+        }
         let dtype = DType::F32;
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(tokenizer_dir)?,

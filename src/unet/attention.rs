@@ -59,9 +59,9 @@ impl Attention {
         let q = (split(&q)? * (d as f64).powf(-0.5))?;
         let (k, v) = (split(&k)?, split(&v)?);
         let m = k.dim(1)?;
-        // the whole score matrix when it is small (faster); in query chunks with recomputation
-        // in the backward when it is large (SD 1.5 at 512 px: 4096 x 4096 per head)
-        let budget = ops::attention_chunk_bytes();
+        // the whole score matrix when it is small; in query chunks with recomputation in the
+        // backward when it is large (SD 1.5 at 512 px: 4096 x 4096 per head)
+        let budget = ops::attention_chunk_bytes(q.device());
         let out = if b * h * n * m * 4 <= budget {
             ops::softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(&v)?
         } else {
