@@ -136,3 +136,15 @@ fn devices_parse_and_cuda_without_support_is_a_clear_error() {
         assert!(e.contains("--features cuda"), "{e}");
     }
 }
+
+/// The allocator setting every CPU pipeline applies: accepted by glibc, done once.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn cpu_allocator_tuning_is_applied_once() {
+    if std::env::var("SD_LORA_MALLOC_TUNING").is_ok_and(|v| v == "0") {
+        return;
+    }
+    let first = sd_lora::device::tune_cpu_allocator();
+    assert!(first, "glibc refused the mmap/trim thresholds");
+    assert_eq!(sd_lora::device::tune_cpu_allocator(), first);
+}

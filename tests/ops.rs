@@ -428,3 +428,63 @@ fn unet_attention_switches_to_chunks_above_the_budget_with_the_same_result() {
         assert!(rel(a, b) < 1e-4, "gradient differs by {}", rel(a, b));
     }
 }
+
+/// The chunked attention's row kernels against the candle compositions they replace: f64 to
+/// 1e-12, f32 (fast exp) to 1e-6 relative, including rows with large values (scores of 60)
+/// and a row statistic that is not the row's own (exp of negative and positive shifts).
+#[test]
+fn attention_row_kernels_match_candle_compositions() {
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-6)] {
+        let s = (randn(&[3, 5, 37], 21) * 15.0)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let rel = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-30);
+        // log-sum-exp
+        let max = s.max_keepdim(D::Minus1).unwrap();
+        let lse_ref = (max.clone()
+            + s.broadcast_sub(&max)
+                .unwrap()
+                .exp()
+                .unwrap()
+                .sum_keepdim(D::Minus1)
+                .unwrap()
+                .log()
+                .unwrap())
+        .unwrap();
+        let lse = ops::logsumexp_rows(&s).unwrap();
+        assert_eq!(lse.dims(), &[3, 5, 1]);
+        assert!(
+            rel(&lse, &lse_ref) < tol,
+            "{dtype:?} lse {}",
+            rel(&lse, &lse_ref)
+        );
+        // exp(s - l) with probabilities (l = lse: rows sum to 1) and with a shifted statistic
+        for l in [lse.clone(), (&lse - 3.0).unwrap()] {
+            let e_ref = s.broadcast_sub(&l).unwrap().exp().unwrap();
+            let e = ops::exp_sub_rows(&s, &l).unwrap();
+            assert!(
+                rel(&e, &e_ref) < tol,
+                "{dtype:?} exp-sub {}",
+                rel(&e, &e_ref)
+            );
+        }
+        let p = ops::exp_sub_rows(&s, &lse).unwrap();
+        let sums = p.sum_keepdim(D::Minus1).unwrap();
+        assert!(max_abs(&(sums - 1.0).unwrap()) < 10.0 * tol);
+        // p * (dp - d)
+        let dp = randn(&[3, 5, 37], 22).to_dtype(dtype).unwrap();
+        let d = randn(&[3, 5, 1], 23).to_dtype(dtype).unwrap();
+        let m_ref = (&p * dp.broadcast_sub(&d).unwrap()).unwrap();
+        let m = ops::mul_sub_rows(&p, &dp, &d).unwrap();
+        assert!(
+            rel(&m, &m_ref) < tol,
+            "{dtype:?} mul-sub {}",
+            rel(&m, &m_ref)
+        );
+        // mismatched row statistics are refused, not broadcast silently
+        let bad = randn(&[3, 4, 1], 24).to_dtype(dtype).unwrap();
+        assert!(ops::exp_sub_rows(&s, &bad).is_err());
+        assert!(ops::mul_sub_rows(&p, &dp, &bad).is_err());
+    }
+}

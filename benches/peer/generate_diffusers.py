@@ -56,8 +56,11 @@ pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=une
 pipe.set_progress_bar_config(disable=True)
 kw = dict(prompt="a photo of a cat", num_inference_steps=20, guidance_scale=7.5, height=px, width=px,
           num_images_per_prompt=a.batch)
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 with torch.no_grad():
     pipe(**dict(kw, num_inference_steps=1))
+    with FlopCounterMode(display=False) as fc:  # matmul/conv/attention FLOPs, not timed
+        pipe(**kw)
     ts = []
     for _ in range(a.steps):
         s = time.perf_counter()
@@ -68,4 +71,4 @@ print(json.dumps(dict(
     kind="generate", model=a.model, latent=a.latent, batch=a.batch, steps=a.steps, median_s=ts[len(ts) // 2],
     min_s=ts[0], max_s=ts[-1], peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     total_params=sum(q.numel() for m in (unet, vae, te) for q in m.parameters()),
-    threads=torch.get_num_threads(), implementation="diffusers")))
+    threads=torch.get_num_threads(), flops=fc.get_total_flops(), implementation="diffusers")))

@@ -33,9 +33,12 @@ def run(cmd):
 
 
 filt = sys.argv[1:]
-print(f"{datetime.date.today()}, {os.cpu_count()} CPUs")
-print("| case | sd-lora s (min-max) | diffusers+PEFT s (min-max) | time ratio | sd-lora peak RSS MiB | diffusers peak RSS MiB | RSS ratio |")
-print("|---|---|---|---|---|---|---|")
+# f32 peak of the 2-core CI machine: 2 cores x 2.3 GHz x 2 FMA units x 8 lanes (AVX2, what the
+# gemm crate uses) x 2 FLOPs; see BENCHMARKS.md
+PEAK = float(os.environ.get("PEAK_GFLOPS", "147.2")) * 1e9
+print(f"{datetime.date.today()}, {os.cpu_count()} CPUs, peak {PEAK / 1e9:.1f} GFLOP/s")
+print("| case | sd-lora s (min-max) | diffusers+PEFT s (min-max) | time ratio | sd-lora peak RSS MiB | diffusers peak RSS MiB | RSS ratio | GFLOP | % of peak sd-lora / diffusers |")
+print("|---|---|---|---|---|---|---|---|---|")
 for what, model, latent, batch, steps in CASES:
     name = f"{what} {model} {latent}x{latent} b{batch}"
     if filt and not any(f in name for f in filt):
@@ -46,4 +49,5 @@ for what, model, latent, batch, steps in CASES:
     print(f"| {name} | {ours['median_s']:.3f} ({ours['min_s']:.3f}-{ours['max_s']:.3f}) "
           f"| {peer['median_s']:.3f} ({peer['min_s']:.3f}-{peer['max_s']:.3f}) "
           f"| {ours['median_s'] / peer['median_s']:.2f} | {ours['peak_rss_mib']:.0f} | {peer['peak_rss_mib']:.0f} "
-          f"| {ours['peak_rss_mib'] / peer['peak_rss_mib']:.2f} |", flush=True)
+          f"| {ours['peak_rss_mib'] / peer['peak_rss_mib']:.2f} | {peer['flops'] / 1e9:.1f} "
+          f"| {100 * peer['flops'] / ours['median_s'] / PEAK:.0f} / {100 * peer['flops'] / peer['median_s'] / PEAK:.0f} |", flush=True)
