@@ -51,18 +51,19 @@ def step():
 
 
 step()  # warm-up
-# matmul/conv/attention FLOPs of one step (forward + backward), not timed
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-with FlopCounterMode(display=False) as fc:
-    step()
 ts = []
 for _ in range(a.steps):
     s = time.perf_counter()
     step()
     ts.append(time.perf_counter() - s)
 ts.sort()
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the FLOP count
+# matmul/conv/attention FLOPs of one step (forward + backward), after the timing
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+with FlopCounterMode(display=False) as fc:
+    step()
 print(json.dumps(dict(
     kind="train", model=a.model, latent=a.latent, batch=a.batch, steps=a.steps, median_s=ts[len(ts) // 2],
-    min_s=ts[0], max_s=ts[-1], peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    min_s=ts[0], max_s=ts[-1], peak_rss_mib=rss,
     trainable_params=sum(q.numel() for q in params), total_params=sum(q.numel() for q in u.parameters()),
     threads=torch.get_num_threads(), flops=fc.get_total_flops(), implementation="diffusers+peft")))
