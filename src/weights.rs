@@ -246,8 +246,6 @@ impl WeightSource {
     }
 }
 
-/// Writes trainable tensors (full-parameter mode) under their checkpoint keys to a safetensors
-/// file, atomically, in `dtype`: a model folder that every loader here (and diffusers) reads.
 /// A tensor of normal samples with standard deviation `std`, reproducible from `seed` (candle's
 /// own `Tensor::randn` cannot be seeded on the CPU). f32.
 pub fn randn_seeded(seed: u64, dims: &[usize], std: f64, device: &Device) -> Result<Tensor> {
@@ -262,6 +260,21 @@ pub fn randn_seeded(seed: u64, dims: &[usize], std: f64, device: &Device) -> Res
     Ok(Tensor::from_vec(v, dims, &Device::Cpu)?.to_device(device)?)
 }
 
+/// Standard-normal f32 samples drawn from `rng` in flight (noise of training steps and
+/// sampling; the same stream whatever the device).
+pub(crate) fn randn_from<R: Rng + ?Sized>(
+    rng: &mut R,
+    shape: &[usize],
+    device: &Device,
+) -> Result<Tensor> {
+    use rand_distr::{Distribution, StandardNormal};
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(device)?)
+}
+
+/// Writes trainable tensors (full-parameter mode) under their checkpoint keys to a safetensors
+/// file, atomically, in `dtype`: a model folder that every loader here (and diffusers) reads.
 pub fn save_weights(vars: &[(String, Var)], dtype: DType, path: &Path) -> Result<()> {
     let mut tensors = std::collections::BTreeMap::new();
     for (name, v) in vars {

@@ -1,10 +1,10 @@
 //! Text-to-image generation: classifier-free guidance with a negative prompt, seeded latents
 //! (or latents from a file), DDIM / DDPM / Euler-ancestral, decoded to RGB images.
 
+use crate::weights::randn_from;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
 use std::path::{Path, PathBuf};
 
 use super::StableDiffusion;
@@ -107,12 +107,6 @@ impl Images {
     }
 }
 
-fn randn(rng: &mut rand::rngs::StdRng, shape: &[usize], device: &Device) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(device)?)
-}
-
 impl StableDiffusion {
     /// Generates `cfg.num_images` images for `cfg.prompt`.
     pub fn generate(&self, cfg: &GenerateConfig) -> Result<Images> {
@@ -152,7 +146,7 @@ impl StableDiffusion {
                 }
                 l.to_device(&self.device)?.to_dtype(DType::F32)?
             }
-            None => randn(&mut rng, &shape, &self.device)?,
+            None => randn_from(&mut rng, &shape, &self.device)?,
         };
         let mut latents = (latents * sched.init_noise_sigma())?;
 
@@ -181,7 +175,7 @@ impl StableDiffusion {
                 pred
             };
             let noise = if sched.needs_noise() {
-                Some(randn(&mut rng, &shape, &self.device)?)
+                Some(randn_from(&mut rng, &shape, &self.device)?)
             } else {
                 None
             };

@@ -27,7 +27,7 @@ use crate::text::{ClipTextConfig, ClipTextModel, ClipTokenizer};
 use crate::train::{AdamW, LatentCache, LrSchedule, TrainConfig, Trainer};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
-use crate::weights::{save_weights, NamedVars, WeightSource};
+use crate::weights::{randn_from, save_weights, NamedVars, WeightSource};
 
 /// Settings of the pre-training job. `Default` is what produced `assets/tiny-sd`.
 #[derive(Debug, Clone)]
@@ -216,13 +216,6 @@ fn batch_indices(seed: u64, step: usize, batch: usize, n: usize) -> Result<(ChaC
     Ok((rng, Tensor::from_vec(idx, len, &Device::Cpu)?))
 }
 
-fn randn_like(rng: &mut ChaCha8Rng, t: &Tensor) -> Result<Tensor> {
-    let eps: Vec<f32> = (0..t.elem_count())
-        .map(|_| rand_distr::Distribution::sample(&rand_distr::StandardNormal, rng))
-        .collect();
-    Ok(Tensor::from_vec(eps, t.shape(), &Device::Cpu)?)
-}
-
 /// Trains the VAE (phase 1). Returns its trainable tensors.
 fn train_vae(
     cfg: &PretrainConfig,
@@ -245,7 +238,7 @@ fn train_vae(
             let (mut rng, idx) = batch_indices(cfg.seed, step, cfg.vae_batch, n)?;
             let x = data.index_select(&idx, 0)?;
             let d = vae.encode(&x)?;
-            let z = d.sample(&randn_like(&mut rng, &d.mean)?)?;
+            let z = d.sample(&randn_from(&mut rng, d.mean.dims(), &Device::Cpu)?)?;
             let mse = (vae.decode(&z)? - &x)?.sqr()?.mean_all()?;
             let kl = ((d.mean.sqr()? + d.logvar.exp()?)? - 1.0)?
                 .sub(&d.logvar)?
@@ -297,19 +290,17 @@ fn train_vae_decoder(
         data.index_select(&probe, 0)?,
         means.index_select(&probe, 0)?,
     );
-    let probe_score = |vae: &AutoencoderKL| -> Result<f64> {
-        let y = vae.decode(&probe.1)?.detach();
-        let imgs = (0..y.dim(0)?)
-            .map(|i| crate::data::tensor_to_image(&y.get(i)?))
+    // mean style score of a batch of images [B, 3, H, W]
+    let style = |t: &Tensor| -> Result<f64> {
+        let imgs = (0..t.dim(0)?)
+            .map(|i| crate::data::tensor_to_image(&t.get(i)?))
             .collect::<Result<Vec<_>>>()?;
         Ok(super::metrics::mean_style_score(&imgs).score)
     };
-    let originals = (0..probe.0.dim(0)?)
-        .map(|i| crate::data::tensor_to_image(&probe.0.get(i)?))
-        .collect::<Result<Vec<_>>>()?;
+    let probe_score = |vae: &AutoencoderKL| style(&vae.decode(&probe.1)?.detach());
     log(&format!(
         "VAE decoder: anime-look style score {:.3} originals, {:.3} after a round trip",
-        super::metrics::mean_style_score(&originals).score,
+        style(&probe.0)?,
         probe_score(vae)?
     ));
     run_phase(
@@ -322,7 +313,9 @@ fn train_vae_decoder(
             let (mut rng, idx) = batch_indices(cfg.seed ^ 0xDEC0DE, step, cfg.vae_batch, n)?;
             let x = data.index_select(&idx, 0)?;
             let mean = means.index_select(&idx, 0)?;
-            let z = (&mean + (stds.index_select(&idx, 0)? * randn_like(&mut rng, &mean)?)?)?;
+            let z = (&mean
+                + (stds.index_select(&idx, 0)?
+                    * randn_from(&mut rng, mean.dims(), &Device::Cpu)?)?)?;
             let diff = (vae.decode(&z)? - &x)?;
             let l1 = diff.abs()?.mean_all()?;
             let mse = diff.sqr()?.mean_all()?;

@@ -7,10 +7,10 @@ pub mod checkpoint;
 pub mod config;
 pub mod optim;
 
+use crate::weights::randn_from;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, StandardNormal};
 use std::time::Instant;
 
 pub use cache::{CacheStats, LatentCache};
@@ -46,12 +46,6 @@ impl FlipW for Tensor {
         let idx = Tensor::from_vec((0..w as u32).rev().collect::<Vec<_>>(), w, self.device())?;
         Ok(self.index_select(&idx, self.rank() - 1)?)
     }
-}
-
-fn randn<R: Rng>(rng: &mut R, shape: &[usize], device: &Device) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(device)?)
 }
 
 /// The LoRA trainer. Plain owned state: keep it across notebook cells.
@@ -135,7 +129,7 @@ impl Trainer {
             } else {
                 &cache.latents[i]
             };
-            let eps = randn(rng, m.dims(), dev)?;
+            let eps = randn_from(rng, m.dims(), dev)?;
             z.push((m + (lv.affine(0.5, 0.0)?.exp()? * eps)?)?);
             // drawn only when enabled, so runs without dropout keep their random stream
             let drop = self.config.caption_dropout > 0.0
@@ -152,9 +146,9 @@ impl Trainer {
         let x0 = sd.vae.scale_latents(&Tensor::stack(&z, 0)?)?;
         let ctx = Tensor::stack(&ctx, 0)?;
         let b = idx.len();
-        let mut noise = randn(rng, x0.dims(), dev)?;
+        let mut noise = randn_from(rng, x0.dims(), dev)?;
         if self.config.noise_offset != 0.0 {
-            let off = randn(rng, &[b, x0.dim(1)?, 1, 1], dev)?;
+            let off = randn_from(rng, &[b, x0.dim(1)?, 1, 1], dev)?;
             noise = noise.broadcast_add(&(off * self.config.noise_offset)?)?;
         }
         let n_train = sd.scheduler_config.num_train_timesteps;
