@@ -77,8 +77,8 @@ pub fn gpu_memory_used_mib(device: &Device) -> Option<f64> {
 /// 128 KiB to 32 MiB) with fresh `mmap`s that the kernel must fault in and zero page by page,
 /// and unmaps them on free, so a training step that makes thousands of multi-MiB tensors spent
 /// ~20% of its time in page faults (perf). With the threshold at 1 GiB and the trim threshold
-/// at 4 GiB, freed blocks go back to the heap and are reused: the tiny training step ran ~25%
-/// faster (BENCHMARKS.md). The cost is memory the heap keeps after a peak (returned by
+/// at 2 GiB (glibc takes an int), freed blocks go back to the heap and are reused: the tiny
+/// training step ran ~25% faster (BENCHMARKS.md). The cost is memory the heap keeps after a peak (returned by
 /// [`crate::bench::reset_peak_rss`] or at exit). Set `SD_LORA_MALLOC_TUNING=0` to keep glibc's
 /// defaults. Other platforms and allocators: a no-op.
 pub fn tune_cpu_allocator() -> bool {

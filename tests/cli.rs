@@ -300,3 +300,18 @@ fn convert_and_inspect_lora_files() {
         &["lycoris"],
     );
 }
+
+#[test]
+fn bench_refuses_a_zero_attention_chunk() {
+    let o = sd_lora(&[
+        "bench",
+        "train",
+        "--model",
+        "tiny",
+        "--steps",
+        "1",
+        "--attention-chunk-mib",
+        "0",
+    ]);
+    fails_with(&o, &["--attention-chunk-mib", "at least 1"]);
+}

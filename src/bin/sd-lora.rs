@@ -485,7 +485,10 @@ fn run() -> Result<()> {
             attention_chunk_mib,
         } => {
             if let Some(mib) = attention_chunk_mib {
-                sd_lora::ops::set_attention_chunk_bytes(mib << 20);
+                if mib == 0 {
+                    bail!("--attention-chunk-mib must be at least 1 (MiB)");
+                }
+                sd_lora::ops::set_attention_chunk_bytes(mib.saturating_mul(1 << 20));
             }
             let device = sd_lora::device::parse_device(&device)?;
             let dtype = sd_lora::device::parse_dtype_for(&dtype, &device)?;
