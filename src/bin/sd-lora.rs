@@ -122,7 +122,7 @@ enum Cmd {
     Demo {
         #[arg(long, default_value = "runs/demo")]
         out: PathBuf,
-        /// Fewer epochs for a quick look (default 20).
+        /// Fewer epochs for a quick look (default 25).
         #[arg(long)]
         epochs: Option<usize>,
         /// Denoising steps per sample (default 20).
@@ -131,6 +131,16 @@ enum Cmd {
         /// Prompts for the before/after grid (default: 8 held-out scene captions).
         #[arg(long)]
         prompt: Vec<String>,
+        /// Held-out scene captions sampled before and after for the style score and colour check
+        /// (default 32, at least 2).
+        #[arg(long)]
+        score_prompts: Option<usize>,
+        /// LoRA learning rate (default 1e-3).
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Seed of the data set, LoRA init and training noise (default 202509).
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Draws loss curves from run folders (metrics.csv): one run with LR and epochs, or several
     /// overlaid.
@@ -553,11 +563,17 @@ fn run() -> Result<()> {
             epochs,
             sample_steps,
             prompt,
+            score_prompts,
+            lr,
+            seed,
         } => {
             let d = sd_lora::tiny::demo::DemoConfig::default();
             let cfg = sd_lora::tiny::demo::DemoConfig {
                 out,
                 epochs: epochs.unwrap_or(d.epochs),
+                score_prompts: score_prompts.unwrap_or(d.score_prompts),
+                lr: lr.unwrap_or(d.lr),
+                seed: seed.unwrap_or(d.seed),
                 sample_steps: sample_steps.unwrap_or(d.sample_steps),
                 prompts: if prompt.is_empty() {
                     d.prompts.clone()
