@@ -15,6 +15,20 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn exp_c(v: Self::C) -> Self::C;
     /// The storage's data when it holds this type.
     fn slice(s: &CpuStorage) -> Option<&[Self]>;
+    /// `o[i] = exp(r[i] - m)` in the compute type (f32: [`super::simd::exp_sub`]).
+    #[inline(always)]
+    fn exp_sub_c(o: &mut [Self::C], r: &[Self], m: Self::C) {
+        for (o, v) in o.iter_mut().zip(r) {
+            *o = Self::exp_c(v.to_c() - m);
+        }
+    }
+    /// `o[i] = exp(r[i] - m)` stored in this type (f32: [`super::simd::exp_sub`]).
+    #[inline(always)]
+    fn exp_sub_row(o: &mut [Self], r: &[Self], m: Self::C) {
+        for (o, v) in o.iter_mut().zip(r) {
+            *o = Self::from_c(Self::exp_c(v.to_c() - m));
+        }
+    }
 }
 
 /// `e^x` for f32 to ~2e-7 relative error: `x = n·ln2 + r`, a degree-6 polynomial for `e^r`,
@@ -49,6 +63,12 @@ impl Elem for f32 {
     #[inline(always)]
     fn exp_c(v: f32) -> f32 {
         fast_exp(v)
+    }
+    fn exp_sub_c(o: &mut [f32], r: &[f32], m: f32) {
+        super::simd::exp_sub(o, r, m)
+    }
+    fn exp_sub_row(o: &mut [f32], r: &[f32], m: f32) {
+        super::simd::exp_sub(o, r, m)
     }
     #[inline(always)]
     fn to_c(self) -> f32 {

@@ -13,6 +13,7 @@ mod frozen;
 mod group_norm;
 mod norm;
 mod rows;
+mod simd;
 mod softmax;
 
 pub use attention::{
@@ -24,4 +25,5 @@ pub use frozen::{frozen_conv2d, frozen_linear};
 pub use group_norm::group_norm;
 pub use norm::{layer_norm, layer_norm_composed};
 pub use rows::{exp_sub_rows, logsumexp_rows, mul_sub_rows};
+pub use simd::{simd_level, SimdLevel};
 pub use softmax::softmax_last_dim;

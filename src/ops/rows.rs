@@ -69,9 +69,7 @@ impl Kernel for LogSumExpKernel {
                 || vec![zero; self.0],
                 |tmp, (o, r)| {
                     let max = lane_max::<T>(r);
-                    for (t, v) in tmp.iter_mut().zip(r) {
-                        *t = T::exp_c(v.to_c() - max);
-                    }
+                    T::exp_sub_c(tmp, r, max);
                     *o = T::from_c(max + num_traits::Float::ln(lane_sum::<T::C>(tmp)));
                 },
             );
@@ -95,12 +93,7 @@ impl Kernel for ExpSubKernel {
         let mut out = vec![T::from_c(<T::C as num_traits::Zero>::zero()); x[0].len()];
         out.par_chunks_mut(self.0)
             .zip(x[0].par_chunks(self.0).zip(x[1].par_iter()))
-            .for_each(|(o, (r, l))| {
-                let l = l.to_c();
-                for (o, v) in o.iter_mut().zip(r) {
-                    *o = T::from_c(T::exp_c(v.to_c() - l));
-                }
-            });
+            .for_each(|(o, (r, l))| T::exp_sub_row(o, r, l.to_c()));
         out
     }
 }

@@ -49,9 +49,7 @@ fn softmax_rows<T: Elem>(x: &[T], dim: usize) -> Vec<T> {
             || vec![zero; dim],
             |tmp, (o, r)| {
                 let max = lane_max::<T>(r);
-                for (t, v) in tmp.iter_mut().zip(r) {
-                    *t = T::exp_c(v.to_c() - max);
-                }
+                T::exp_sub_c(tmp, r, max);
                 let inv = lane_sum::<T::C>(tmp).recip();
                 for (o, &e) in o.iter_mut().zip(tmp.iter()) {
                     *o = T::from_c(e * inv);
