@@ -28,15 +28,11 @@ pub fn simd_level() -> SimdLevel {
             Ok("avx2") => SimdLevel::Avx2,
             _ => SimdLevel::Avx512,
         };
-        detected_cached().min(cap)
+        detected().min(cap)
     })
 }
 
-fn detected_cached() -> SimdLevel {
-    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
-    *LEVEL.get_or_init(detected)
-}
-
+/// What the CPU has (std caches the feature checks, so this is cheap to repeat).
 fn detected() -> SimdLevel {
     #[cfg(target_arch = "x86_64")]
     {
@@ -72,7 +68,7 @@ fn exp_sub_avx2(o: &mut [f32], r: &[f32], m: f32) {
 /// `o[i] = exp(r[i] - m)` at the given level; a level the CPU lacks is lowered to
 /// the one it has.
 pub(crate) fn exp_sub_at(level: SimdLevel, o: &mut [f32], r: &[f32], m: f32) {
-    match level.min(detected_cached()) {
+    match level.min(detected()) {
         // SAFETY: the CPU has these features (checked by `detected`).
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512 => unsafe { exp_sub_avx512(o, r, m) },

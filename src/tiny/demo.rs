@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use std::path::PathBuf;
 
-use super::metrics::{dominant_colour, mean_style_score, style_score, StyleScore};
+use super::metrics::{dominant_colour, mean_of, mean_style_score, style_score, StyleScore};
 use super::scenes::{scenes, write_dataset, Look, COLOURS};
 use crate::data::{CaptionSource, DataConfig, ImageFolder};
 use crate::lora::{LoraConfig, LoraFormat, LoraModel};
@@ -303,16 +303,18 @@ pub fn run_demo(cfg: &DemoConfig, log: &mut dyn FnMut(&str)) -> Result<DemoSumma
     crate::lora::io::save_lora(&layers, LoraFormat::Peft, out.join("lora_peft.safetensors"))?;
     let n = scored.len();
     let (before, after) = (&before_all[..n], &after_all[..n]);
+    let scores = |imgs: &[image::RgbImage]| imgs.iter().map(style_score).collect::<Vec<_>>();
+    let (per_before, per_after) = (scores(before), scores(after));
     let (sb, sl, st) = (
-        mean_style_score(before),
-        mean_style_score(after),
+        mean_of(&per_before),
+        mean_of(&per_after),
         mean_style_score(&targets),
     );
     let span = st.score - sb.score;
-    let diffs: Vec<f64> = before
+    let diffs: Vec<f64> = per_before
         .iter()
-        .zip(after)
-        .map(|(b, a)| (style_score(a).score - style_score(b).score) / span)
+        .zip(&per_after)
+        .map(|(b, a)| (a.score - b.score) / span)
         .collect();
     let sv = mean_style_score(&vae_round_trip(&sd, &targets)?);
     let h = &trainer.history;

@@ -122,7 +122,11 @@ pub fn style_score(img: &RgbImage) -> StyleScore {
 
 /// Mean style score of several images.
 pub fn mean_style_score(imgs: &[RgbImage]) -> StyleScore {
-    let s: Vec<StyleScore> = imgs.iter().map(style_score).collect();
+    mean_of(&imgs.iter().map(style_score).collect::<Vec<_>>())
+}
+
+/// Mean of per-image style scores.
+pub fn mean_of(s: &[StyleScore]) -> StyleScore {
     let m = |f: fn(&StyleScore) -> f64| s.iter().map(f).sum::<f64>() / s.len().max(1) as f64;
     StyleScore {
         outline: m(|s| s.outline),
