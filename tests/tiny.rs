@@ -214,6 +214,43 @@ fn demo_refuses_fewer_than_two_scored_prompts() {
     assert!(!out.path().join("demo").exists());
 }
 
+/// A bad learning rate or zero epochs is refused before anything is sampled or written.
+#[test]
+fn demo_refuses_bad_training_settings_up_front() {
+    let out = tempfile::tempdir().unwrap();
+    for (cfg, field) in [
+        (
+            sd_lora::tiny::demo::DemoConfig {
+                lr: -1.0,
+                ..Default::default()
+            },
+            "lr",
+        ),
+        (
+            sd_lora::tiny::demo::DemoConfig {
+                lr: f64::NAN,
+                ..Default::default()
+            },
+            "lr",
+        ),
+        (
+            sd_lora::tiny::demo::DemoConfig {
+                epochs: 0,
+                ..Default::default()
+            },
+            "epochs",
+        ),
+    ] {
+        let cfg = sd_lora::tiny::demo::DemoConfig {
+            out: out.path().join("demo"),
+            ..cfg
+        };
+        let e = sd_lora::tiny::demo::run_demo(&cfg, &mut |_| {}).unwrap_err();
+        assert!(format!("{e:#}").contains(field), "{e:#}");
+        assert!(!out.path().join("demo").exists());
+    }
+}
+
 /// Measured with the shipped model (600 VAE + 1,500 decoder-only + 3,000 UNet steps):
 /// shortened demo (10 epochs, 8 scored prompts, 12 sampling steps) 0.38; the full demo (25
 /// epochs, 32 scored prompts) 0.61-0.64 over three seeds (issue 6 asks 0.6). About half the

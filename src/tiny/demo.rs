@@ -191,6 +191,16 @@ pub fn run_demo(cfg: &DemoConfig, log: &mut dyn FnMut(&str)) -> Result<DemoSumma
         "DemoConfig::score_prompts (--score-prompts) is {}: the style score needs at least 2 samples",
         cfg.score_prompts
     );
+    // checked here too (the trainer would refuse them only after the base samples)
+    anyhow::ensure!(
+        cfg.lr.is_finite() && cfg.lr > 0.0,
+        "DemoConfig::lr (--lr) must be a positive number, got {}",
+        cfg.lr
+    );
+    anyhow::ensure!(
+        cfg.epochs >= 1,
+        "DemoConfig::epochs (--epochs) must be at least 1"
+    );
     let out = &cfg.out;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut sd = StableDiffusion::from_folder(&cfg.model, None, DType::F32, &Device::Cpu)
