@@ -70,6 +70,27 @@ pub fn gpu_memory_used_mib(device: &Device) -> Option<f64> {
     None
 }
 
+/// Fixes the CPU thread count for this process, once (later calls return the same value):
+/// sets `RAYON_NUM_THREADS` to candle's own default when it is unset, and returns the count.
+///
+/// candle asks for its thread count before every matrix product, and with neither
+/// `RAYON_NUM_THREADS` nor `CANDLE_NUM_THREADS` set, each ask counts the physical cores by
+/// reading and parsing `/proc/cpuinfo` (the `num_cpus` crate): ~1,400 opens per tiny training
+/// step under `strace`, 5-8% of that step (BENCHMARKS.md). With the variable set, the ask
+/// parses a number. The count is exactly what candle would have used, so nothing else changes;
+/// a value the user set is kept. Call it before tensor work starts (the CLI does so first thing,
+/// CPU pipelines when they load): it changes the process environment.
+pub fn tune_cpu_threads() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        let n = candle_core::utils::get_num_threads();
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+        n
+    })
+}
+
 /// Settles glibc's allocator for tensor work on the CPU, once per process (later calls do
 /// nothing); returns whether it changed anything.
 ///

@@ -148,3 +148,17 @@ fn cpu_allocator_tuning_is_applied_once() {
     assert!(first, "glibc refused the mmap/trim thresholds");
     assert_eq!(sd_lora::device::tune_cpu_allocator(), first);
 }
+
+/// The thread count CPU pipelines pin: candle's own count, in `RAYON_NUM_THREADS` (so candle
+/// stops re-reading /proc/cpuinfo before every matrix product), stable across calls.
+#[test]
+fn cpu_thread_count_is_pinned_to_candles_count() {
+    let n = sd_lora::device::tune_cpu_threads();
+    assert!(n >= 1);
+    assert_eq!(sd_lora::device::tune_cpu_threads(), n);
+    let env: usize = std::env::var("RAYON_NUM_THREADS")
+        .expect("RAYON_NUM_THREADS is set")
+        .parse()
+        .expect("a number");
+    assert_eq!(candle_core::utils::get_num_threads(), env);
+}

@@ -329,6 +329,7 @@ struct TrainArgs {
 
 fn main() {
     sd_lora::device::tune_cpu_allocator();
+    sd_lora::device::tune_cpu_threads();
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -73,7 +73,8 @@ impl StableDiffusion {
     }
 
     /// Loads every component from a diffusers pipeline folder. On the CPU this also settles
-    /// the allocator for tensor work ([`crate::device::tune_cpu_allocator`]).
+    /// the allocator and the thread count for tensor work
+    /// ([`crate::device::tune_cpu_allocator`], [`crate::device::tune_cpu_threads`]).
     pub fn from_folder(
         root: &Path,
         variant: Option<&str>,
@@ -82,6 +83,7 @@ impl StableDiffusion {
     ) -> Result<Self> {
         if device.is_cpu() {
             crate::device::tune_cpu_allocator();
+            crate::device::tune_cpu_threads();
         }
         let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
         let text_encoder = ClipTextModel::load(root.join("text_encoder"), variant, dtype, device)?;
@@ -122,6 +124,7 @@ impl StableDiffusion {
         use crate::weights::WeightSource;
         if device.is_cpu() {
             crate::device::tune_cpu_allocator();
+            crate::device::tune_cpu_threads();
         }
         let dtype = DType::F32;
         Ok(Self {
