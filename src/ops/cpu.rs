@@ -29,6 +29,28 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
             *o = Self::from_c(Self::exp_c(v.to_c() - m));
         }
     }
+    /// `(Φ(x), φ(x))`, the standard normal CDF and density, in the compute type.
+    fn gauss_c(x: Self::C) -> (Self::C, Self::C);
+    /// One GEGLU row ([`super::geglu`]; f32: compiled per SIMD level).
+    #[inline(always)]
+    fn geglu_fwd_row(o: &mut [Self], a: &[Self], gate: &[Self]) {
+        super::geglu::fwd_row(o, a, gate)
+    }
+    /// SiLU over a slice ([`super::silu`]; f32: compiled per SIMD level).
+    #[inline(always)]
+    fn silu_fwd_row(o: &mut [Self], x: &[Self]) {
+        super::silu::fwd_row(o, x)
+    }
+    /// SiLU's backward over a slice ([`super::silu`]; f32: compiled per SIMD level).
+    #[inline(always)]
+    fn silu_bwd_row(dx: &mut [Self], x: &[Self], g: &[Self]) {
+        super::silu::bwd_row(dx, x, g)
+    }
+    /// One GEGLU backward row ([`super::geglu`]; f32: compiled per SIMD level).
+    #[inline(always)]
+    fn geglu_bwd_row(da: &mut [Self], dgate: &mut [Self], a: &[Self], gate: &[Self], go: &[Self]) {
+        super::geglu::bwd_row(da, dgate, a, gate, go)
+    }
 }
 
 /// `e^x` for f32 to ~2e-7 relative error: `x = n·ln2 + r`, a degree-6 polynomial for `e^r`,
@@ -71,6 +93,22 @@ impl Elem for f32 {
         super::simd::exp_sub(o, r, m)
     }
     #[inline(always)]
+    fn gauss_c(x: f32) -> (f32, f32) {
+        super::geglu::gauss_f32(x)
+    }
+    fn geglu_fwd_row(o: &mut [f32], a: &[f32], gate: &[f32]) {
+        super::simd::geglu_fwd(o, a, gate)
+    }
+    fn geglu_bwd_row(da: &mut [f32], dgate: &mut [f32], a: &[f32], gate: &[f32], go: &[f32]) {
+        super::simd::geglu_bwd(da, dgate, a, gate, go)
+    }
+    fn silu_fwd_row(o: &mut [f32], x: &[f32]) {
+        super::simd::silu_fwd(o, x)
+    }
+    fn silu_bwd_row(dx: &mut [f32], x: &[f32], g: &[f32]) {
+        super::simd::silu_bwd(dx, x, g)
+    }
+    #[inline(always)]
     fn to_c(self) -> f32 {
         self
     }
@@ -90,6 +128,10 @@ impl Elem for f64 {
     #[inline(always)]
     fn exp_c(v: f64) -> f64 {
         v.exp()
+    }
+    #[inline(always)]
+    fn gauss_c(x: f64) -> (f64, f64) {
+        super::geglu::gauss_f64(x)
     }
     #[inline(always)]
     fn to_c(self) -> f64 {
@@ -113,6 +155,10 @@ impl Elem for half::f16 {
         fast_exp(v)
     }
     #[inline(always)]
+    fn gauss_c(x: f32) -> (f32, f32) {
+        super::geglu::gauss_f32(x)
+    }
+    #[inline(always)]
     fn to_c(self) -> f32 {
         self.to_f32()
     }
@@ -132,6 +178,10 @@ impl Elem for half::bf16 {
     #[inline(always)]
     fn exp_c(v: f32) -> f32 {
         fast_exp(v)
+    }
+    #[inline(always)]
+    fn gauss_c(x: f32) -> (f32, f32) {
+        super::geglu::gauss_f32(x)
     }
     #[inline(always)]
     fn to_c(self) -> f32 {

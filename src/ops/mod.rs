@@ -10,9 +10,11 @@ mod attention;
 mod col2im;
 mod cpu;
 mod frozen;
+mod geglu;
 mod group_norm;
 mod norm;
 mod rows;
+mod silu;
 mod simd;
 mod softmax;
 
@@ -22,8 +24,10 @@ pub use attention::{
 };
 pub use col2im::{conv2d_im2col, conv2d_input_grad};
 pub use frozen::{frozen_conv2d, frozen_linear};
+pub use geglu::geglu;
 pub use group_norm::group_norm;
 pub use norm::{layer_norm, layer_norm_composed};
 pub use rows::{exp_sub_rows, logsumexp_rows, mul_sub_rows};
+pub use silu::silu;
 pub use simd::{simd_level, SimdLevel};
 pub use softmax::softmax_last_dim;

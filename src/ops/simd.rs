@@ -85,6 +85,106 @@ pub(crate) fn exp_sub(o: &mut [f32], r: &[f32], m: f32) {
     exp_sub_at(simd_level(), o, r, m)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn geglu_fwd_avx512(o: &mut [f32], a: &[f32], gate: &[f32]) {
+    super::geglu::fwd_row(o, a, gate)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn geglu_fwd_avx2(o: &mut [f32], a: &[f32], gate: &[f32]) {
+    super::geglu::fwd_row(o, a, gate)
+}
+
+/// One GEGLU row (`o = a · GELU(gate)`) at [`simd_level`].
+pub(crate) fn geglu_fwd(o: &mut [f32], a: &[f32], gate: &[f32]) {
+    match simd_level() {
+        // SAFETY: `simd_level` never exceeds what the CPU has.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => unsafe { geglu_fwd_avx512(o, a, gate) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { geglu_fwd_avx2(o, a, gate) },
+        _ => super::geglu::fwd_row(o, a, gate),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn geglu_bwd_avx512(da: &mut [f32], dg: &mut [f32], a: &[f32], gate: &[f32], go: &[f32]) {
+    super::geglu::bwd_row(da, dg, a, gate, go)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn geglu_bwd_avx2(da: &mut [f32], dg: &mut [f32], a: &[f32], gate: &[f32], go: &[f32]) {
+    super::geglu::bwd_row(da, dg, a, gate, go)
+}
+
+/// One GEGLU backward row at [`simd_level`].
+pub(crate) fn geglu_bwd(da: &mut [f32], dg: &mut [f32], a: &[f32], gate: &[f32], go: &[f32]) {
+    match simd_level() {
+        // SAFETY: `simd_level` never exceeds what the CPU has.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => unsafe { geglu_bwd_avx512(da, dg, a, gate, go) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { geglu_bwd_avx2(da, dg, a, gate, go) },
+        _ => super::geglu::bwd_row(da, dg, a, gate, go),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn silu_fwd_avx512(o: &mut [f32], x: &[f32]) {
+    super::silu::fwd_row(o, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn silu_fwd_avx2(o: &mut [f32], x: &[f32]) {
+    super::silu::fwd_row(o, x)
+}
+
+/// `o = x · σ(x)` at [`simd_level`].
+pub(crate) fn silu_fwd(o: &mut [f32], x: &[f32]) {
+    match simd_level() {
+        // SAFETY: `simd_level` never exceeds what the CPU has.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => unsafe { silu_fwd_avx512(o, x) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { silu_fwd_avx2(o, x) },
+        _ => super::silu::fwd_row(o, x),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn silu_bwd_avx512(dx: &mut [f32], x: &[f32], g: &[f32]) {
+    super::silu::bwd_row(dx, x, g)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn silu_bwd_avx2(dx: &mut [f32], x: &[f32], g: &[f32]) {
+    super::silu::bwd_row(dx, x, g)
+}
+
+/// SiLU's backward at [`simd_level`].
+pub(crate) fn silu_bwd(dx: &mut [f32], x: &[f32], g: &[f32]) {
+    match simd_level() {
+        // SAFETY: `simd_level` never exceeds what the CPU has.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => unsafe { silu_bwd_avx512(dx, x, g) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { silu_bwd_avx2(dx, x, g) },
+        _ => super::silu::bwd_row(dx, x, g),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 //! `attention_processor.py` and `attention.py`), with every projection a [`LoraLinear`].
 
 use anyhow::Result;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use super::nn::LayerNorm;
 use crate::lora::LoraLinear;
@@ -104,13 +104,8 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj_in.forward(x)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let (a, gate) = (
-            h.narrow(D::Minus1, 0, half)?,
-            h.narrow(D::Minus1, half, half)?,
-        );
-        self.proj_out.forward(&(a * gate.gelu_erf()?)?)
+        self.proj_out
+            .forward(&ops::geglu(&self.proj_in.forward(x)?)?)
     }
 }
 

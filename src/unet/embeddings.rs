@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
 use crate::lora::LoraLinear;
+use crate::ops;
 use crate::weights::WeightSource;
 
 /// Sinusoidal features of one timestep per sample: `t [B] -> [B, dim]`, computed in f32.
@@ -59,7 +60,7 @@ impl TimestepEmbedding {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.linear_1.forward(x)?.silu()?;
+        let h = ops::silu(&self.linear_1.forward(x)?)?;
         self.linear_2.forward(&h)
     }
 }

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 pub use config::{PerBlock, UNetConfig};
 
 use crate::lora::{LoraLinear, LoraModel};
+use crate::ops;
 use crate::weights::{open_weights, ParamRecord, WeightSource};
 use blocks::{BlockSpec, DownBlock, MidBlock, UpBlock};
 use embeddings::{timestep_features, TimestepEmbedding};
@@ -274,7 +275,7 @@ impl UNet2DConditionModel {
             };
             x = block.forward(&x, &mut skips, &temb, &ctx, size)?;
         }
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = ops::silu(&self.conv_norm_out.forward(&x)?)?;
         self.conv_out.forward(&x)
     }
 }

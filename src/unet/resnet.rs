@@ -6,6 +6,7 @@ use candle_core::Tensor;
 
 use super::nn::{upsample_nearest, Conv2d, GroupNorm};
 use crate::lora::LoraLinear;
+use crate::ops;
 use crate::weights::WeightSource;
 
 /// `norm1 -> SiLU -> conv1 (+ time_emb_proj(SiLU(temb))) -> norm2 -> SiLU -> conv2`, plus the
@@ -59,10 +60,10 @@ impl ResnetBlock2D {
     /// `x [B, Cin, H, W]`, `temb [B, T]` (the time embedding before its SiLU; `None` for the
     /// VAE).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv1.forward(&ops::silu(&self.norm1.forward(x)?)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(p), Some(temb)) => {
-                let t = p.forward(&temb.silu()?)?;
+                let t = p.forward(&ops::silu(temb)?)?;
                 h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?
             }
             (None, None) => h,
@@ -70,7 +71,7 @@ impl ResnetBlock2D {
                 anyhow::bail!("resnet block: time embedding given without projection or vice versa")
             }
         };
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&ops::silu(&self.norm2.forward(&h)?)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),

@@ -154,7 +154,7 @@ impl Encoder {
         }
         let h = self.mid_block.forward(&h)?;
         self.conv_out
-            .forward(&self.conv_norm_out.forward(&h)?.silu()?)
+            .forward(&ops::silu(&self.conv_norm_out.forward(&h)?)?)
     }
 }
 
@@ -225,6 +225,6 @@ impl Decoder {
             }
         }
         self.conv_out
-            .forward(&self.conv_norm_out.forward(&h)?.silu()?)
+            .forward(&ops::silu(&self.conv_norm_out.forward(&h)?)?)
     }
 }
