@@ -298,12 +298,11 @@ impl LoraLinear {
                 Some(t) => t.clone(),
                 None => xf.insert(x.to_dtype(DType::F32)?).clone(),
             };
-            let h = linear(
-                &linear(&xf, ad.a.as_tensor(), None)?,
-                ad.b.as_tensor(),
-                None,
-            )?;
-            y = (y + (h * ad.factor())?.to_dtype(x.dtype())?)?;
+            // the scale goes on the rank-r intermediate, a pass over N·r values instead of
+            // N·out (forward and backward)
+            let down = (linear(&xf, ad.a.as_tensor(), None)? * ad.factor())?;
+            let h = linear(&down, ad.b.as_tensor(), None)?;
+            y = (y + h.to_dtype(x.dtype())?)?;
         }
         Ok(y)
     }
