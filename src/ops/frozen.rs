@@ -66,18 +66,27 @@ fn add_bias(y: Tensor, b: Option<&Tensor>, channel_dim: usize) -> CResult<Tensor
     }
 }
 
-/// Up to this many rows, [`matmul_wt`] multiplies the other way round.
-const FEW_ROWS: usize = 64;
+/// Whether [`matmul_wt`] multiplies the other way round for `x [m, k]` and `w [n, k]`: with
+/// at most 32 rows, or at most 128 rows when the layer does not widen (`n <= k`). Measured on the
+/// 2-core AVX-512 machine (BENCHMARKS.md): swapped / plain time 0.39-0.77 at 8-32 rows for
+/// SD 1.5 widths, 0.43-0.92 at 64-128 rows when `n <= k`, but 0.96-1.54 at 64-128 rows for the
+/// widening feed-forward projections and 1.7-3.1 from 512 rows up.
+fn swap_pays(m: usize, k: usize, n: usize) -> bool {
+    m <= 32 || (m <= 128 && n <= k)
+}
 
-/// `x [M, K] @ w^T` for `w [N, K]`. On the CPU with few rows (M <= 64: time embeddings, the
-/// 8x8-and-smaller levels of SD 1.5, every layer at generation's small latents) as
-/// `(w @ x^T)^T`: the `gemm` crate repacks a row-major right-hand `w^T` on every call, a full copy
-/// of the weight for a product that reads it once, while in the swapped product `w` is the
-/// column-major left operand it uses in place and only the small `x` is packed. 1.3-2.6x faster
-/// for M <= 64 at SD 1.5 widths, slower from M ~ 128 (BENCHMARKS.md); same values up to the
-/// order of summation.
+/// `x [M, K] @ w^T` for `w [N, K]`. On the CPU with few rows (time embeddings, CLIP's 77 tokens,
+/// the 8x8-and-smaller levels of SD 1.5, most layers at generation's small latents; see
+/// [`swap_pays`]) as `(w @ x^T)^T`: the `gemm` crate repacks a row-major right-hand `w^T` on
+/// every call, a full copy of the weight for a product that reads it once, while in the swapped
+/// product `w` is the column-major left operand it uses in place and only the small `x` is
+/// packed. Same values up to the order of summation.
 pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
-    if x.device().is_cpu() && x.rank() == 2 && x.dim(0)? <= FEW_ROWS {
+    let swap = x.device().is_cpu()
+        && x.rank() == 2
+        && w.rank() == 2
+        && swap_pays(x.dim(0)?, x.dim(1)?, w.dim(0)?);
+    if swap {
         w.matmul(&x.t()?)?.t()?.contiguous()
     } else {
         x.matmul(&w.t()?)
@@ -221,27 +230,31 @@ pub fn frozen_conv2d(
 mod tests {
     use super::*;
 
-    /// Both sides of the row threshold give `x @ w^T` (f64: to rounding; the swapped product
-    /// only changes the order of summation).
+    /// Both sides of the swap rule give `x @ w^T` (f64: to rounding; the swapped product only
+    /// changes the order of summation), for a widening and a narrowing layer.
     #[test]
-    fn matmul_wt_matches_the_plain_product_on_both_sides_of_the_threshold() {
+    fn matmul_wt_matches_the_plain_product_on_both_sides_of_the_rule() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f64, 1.0, (48, 40), &dev).unwrap();
-        for m in [1, 3, FEW_ROWS, FEW_ROWS + 1, 200] {
-            let x = Tensor::randn(0f64, 1.0, (m, 40), &dev).unwrap();
-            let got = matmul_wt(&x, &w).unwrap();
-            assert_eq!(got.dims(), &[m, 48]);
-            assert!(got.is_contiguous());
-            let want = x.matmul(&w.t().unwrap()).unwrap();
-            let diff = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            assert!(diff < 1e-12, "m = {m}: {diff}");
+        for (n, k) in [(48, 40), (40, 48)] {
+            let w = Tensor::randn(0f64, 1.0, (n, k), &dev).unwrap();
+            for m in [1, 3, 32, 33, 128, 129, 200] {
+                let x = Tensor::randn(0f64, 1.0, (m, k), &dev).unwrap();
+                let got = matmul_wt(&x, &w).unwrap();
+                assert_eq!(got.dims(), &[m, n]);
+                assert!(got.is_contiguous());
+                let want = x.matmul(&w.t().unwrap()).unwrap();
+                let diff = (got - want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(diff < 1e-12, "m = {m}, n = {n}, k = {k}: {diff}");
+            }
         }
+        assert!(swap_pays(32, 40, 48) && !swap_pays(33, 40, 48));
+        assert!(swap_pays(128, 48, 40) && !swap_pays(129, 48, 40));
     }
 }
