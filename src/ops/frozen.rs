@@ -66,13 +66,14 @@ fn add_bias(y: Tensor, b: Option<&Tensor>, channel_dim: usize) -> CResult<Tensor
     }
 }
 
-/// Whether [`matmul_wt`] multiplies the other way round for `x [m, k]` and `w [n, k]`: with
-/// at most 32 rows, or at most 128 rows when the layer does not widen (`n <= k`). Measured on the
-/// 2-core AVX-512 machine (BENCHMARKS.md): swapped / plain time 0.39-0.77 at 8-32 rows for
-/// SD 1.5 widths, 0.43-0.92 at 64-128 rows when `n <= k`, but 0.96-1.54 at 64-128 rows for the
-/// widening feed-forward projections and 1.7-3.1 from 512 rows up.
+/// Whether [`matmul_wt`] multiplies the other way round for `x [m, k]` and `w [n, k]`: for a
+/// weight at least 128 outputs wide, with at most 32 rows, or at most 128 rows when the layer
+/// does not widen (`n <= k`). Measured on the 2-core AVX-512 machine (BENCHMARKS.md): swapped /
+/// plain time 0.39-0.77 at 8-32 rows for SD 1.5 widths, 0.37-0.92 at 64-128 rows when `n <= k`,
+/// but 0.96-1.54 at 64-128 rows for the widening feed-forward projections, 1.7-3.1 from 512
+/// rows up, and 1.9-3.1 for rank-16 LoRA factors (a 16-wide weight has nothing to repack).
 fn swap_pays(m: usize, k: usize, n: usize) -> bool {
-    m <= 32 || (m <= 128 && n <= k)
+    n >= 128 && (m <= 32 || (m <= 128 && n <= k))
 }
 
 /// `x [M, K] @ w^T` for `w [N, K]`. On the CPU with few rows (time embeddings, CLIP's 77 tokens,
@@ -231,11 +232,11 @@ mod tests {
     use super::*;
 
     /// Both sides of the swap rule give `x @ w^T` (f64: to rounding; the swapped product only
-    /// changes the order of summation), for a widening and a narrowing layer.
+    /// changes the order of summation), for a widening, a narrowing and a LoRA-narrow layer.
     #[test]
     fn matmul_wt_matches_the_plain_product_on_both_sides_of_the_rule() {
         let dev = Device::Cpu;
-        for (n, k) in [(48, 40), (40, 48)] {
+        for (n, k) in [(160, 144), (144, 160), (16, 144)] {
             let w = Tensor::randn(0f64, 1.0, (n, k), &dev).unwrap();
             for m in [1, 3, 32, 33, 128, 129, 200] {
                 let x = Tensor::randn(0f64, 1.0, (m, k), &dev).unwrap();
@@ -254,7 +255,8 @@ mod tests {
                 assert!(diff < 1e-12, "m = {m}, n = {n}, k = {k}: {diff}");
             }
         }
-        assert!(swap_pays(32, 40, 48) && !swap_pays(33, 40, 48));
-        assert!(swap_pays(128, 48, 40) && !swap_pays(129, 48, 40));
+        assert!(swap_pays(32, 144, 160) && !swap_pays(33, 144, 160));
+        assert!(swap_pays(128, 160, 144) && !swap_pays(129, 160, 144));
+        assert!(!swap_pays(1, 144, 16));
     }
 }
