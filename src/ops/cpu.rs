@@ -246,6 +246,44 @@ pub(crate) fn run_kernel<K: Kernel>(
     })
 }
 
+/// Helpers of the fused ops' tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::{DType, Tensor, Var};
+
+    /// `max |a - b|` in f64.
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Panics with both numbers unless `max |a - b| / scale < tol`.
+    pub(crate) fn assert_close(a: &Tensor, b: &Tensor, scale: f64, tol: f64, what: &str) {
+        let d = max_abs_diff(a, b) / scale;
+        assert!(d < tol, "{what}: {d} >= {tol}");
+    }
+
+    /// `f(x)` and the gradient of `sum(f(x) · r)` with respect to `x`.
+    pub(crate) fn value_and_grad(
+        x: &Tensor,
+        r: &Tensor,
+        f: impl Fn(&Tensor) -> Tensor,
+    ) -> (Tensor, Tensor) {
+        let v = Var::from_tensor(x).unwrap();
+        let y = f(v.as_tensor());
+        let g = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, g.get(v.as_tensor()).unwrap().clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -154,8 +154,9 @@ impl CustomOp2 for GegluBwd {
 
 #[cfg(test)]
 mod tests {
+    use super::super::cpu::test_util::{assert_close, value_and_grad};
     use super::*;
-    use candle_core::{DType, Device, Var};
+    use candle_core::{DType, Device};
 
     /// Values from -12 to 12 (GELU's tails included), `[3, 5, w]`.
     fn input(w: usize, dtype: DType) -> Tensor {
@@ -175,33 +176,14 @@ mod tests {
         .unwrap()
     }
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
-
     /// Value and gradient of `sum(geglu(h) · r)` through the fused op and through candle's
     /// composition (which candle differentiates itself).
     fn both(h: &Tensor) -> [(Tensor, Tensor); 2] {
         let r = (input(h.dim(2).unwrap() / 2, h.dtype()) / 12.0).unwrap();
-        [true, false].map(|fused| {
-            let v = Var::from_tensor(h).unwrap();
-            let y = if fused {
-                geglu(v.as_tensor()).unwrap()
-            } else {
-                composed(v.as_tensor())
-            };
-            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            (y, g.get(v.as_tensor()).unwrap().clone())
-        })
+        [
+            value_and_grad(h, &r, |h| geglu(h).unwrap()),
+            value_and_grad(h, &r, composed),
+        ]
     }
 
     /// f64: libm's erfc, so the value equals candle's `gelu_erf` composition to rounding and
@@ -213,16 +195,8 @@ mod tests {
         let h = input(2 * 37, DType::F64);
         let [(y, g), (y_ref, g_candle)] = both(&h);
         assert_eq!(y.dims(), &[3, 5, 37]);
-        assert!(
-            max_abs_diff(&y, &y_ref) < 1e-12,
-            "{}",
-            max_abs_diff(&y, &y_ref)
-        );
-        assert!(
-            max_abs_diff(&g, &g_candle) < 1e-5,
-            "{}",
-            max_abs_diff(&g, &g_candle)
-        );
+        assert_close(&y, &y_ref, 1.0, 1e-12, "y vs y_ref");
+        assert_close(&g, &g_candle, 1.0, 1e-5, "g vs g_candle");
         let r = (input(37, DType::F64) / 12.0).unwrap();
         let (a, x) = (h.narrow(2, 0, 37).unwrap(), h.narrow(2, 37, 37).unwrap());
         let cdf = (((&x / 2f64.sqrt()).unwrap().erf().unwrap() + 1.0).unwrap() * 0.5).unwrap();
@@ -232,31 +206,18 @@ mod tests {
         let da = (&r * (&x * &cdf).unwrap()).unwrap();
         let dx = (&r * &a * (&cdf + (&x * &pdf).unwrap()).unwrap()).unwrap();
         let g_exact = Tensor::cat(&[da, dx], 2).unwrap();
-        assert!(
-            max_abs_diff(&g, &g_exact) < 1e-12,
-            "{}",
-            max_abs_diff(&g, &g_exact)
-        );
+        assert_close(&g, &g_exact, 1.0, 1e-12, "g vs g_exact");
     }
 
     /// f32: the A&S `erfc` keeps GELU and its derivative within 2e-6 of the f64 reference
-    /// (relative to |x| up to 12), at every SIMD level this CPU runs (the test runs at the widest).
+    /// (relative to |x| up to 12); the test runs at the widest SIMD level this CPU has.
     #[test]
     fn f32_matches_the_f64_reference() {
         let h = input(2 * 64, DType::F64);
         let [(y_ref, g_ref), _] = both(&h);
         let [(y, g), _] = both(&h.to_dtype(DType::F32).unwrap());
-        let scale = 12.0;
-        assert!(
-            max_abs_diff(&y, &y_ref) / scale < 2e-6,
-            "{}",
-            max_abs_diff(&y, &y_ref)
-        );
-        assert!(
-            max_abs_diff(&g, &g_ref) / scale < 2e-6,
-            "{}",
-            max_abs_diff(&g, &g_ref)
-        );
+        assert_close(&y, &y_ref, 12.0, 2e-6, "f32 value");
+        assert_close(&g, &g_ref, 12.0, 2e-6, "f32 gradient");
         for x in [-12f32, -3.3, -0.5, 0.0, 1e-4, 0.7, 2.2, 12.0] {
             let (cdf, pdf) = gauss_f32(x);
             let (cdf64, pdf64) = gauss_f64(x as f64);

@@ -112,8 +112,9 @@ impl CustomOp2 for SiluBwd {
 
 #[cfg(test)]
 mod tests {
+    use super::super::cpu::test_util::{assert_close, value_and_grad};
     use super::*;
-    use candle_core::{DType, Device, Var};
+    use candle_core::{DType, Device};
 
     fn values(n: usize) -> Vec<f64> {
         (0..n)
@@ -129,29 +130,10 @@ mod tests {
             .unwrap()
             / 20.0)
             .unwrap();
-        [true, false].map(|fused| {
-            let v = Var::from_tensor(x).unwrap();
-            let y = if fused {
-                silu(v.as_tensor()).unwrap()
-            } else {
-                v.as_tensor().silu().unwrap()
-            };
-            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            (y, g.get(v.as_tensor()).unwrap().clone())
-        })
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+        [
+            value_and_grad(x, &r, |x| silu(x).unwrap()),
+            value_and_grad(x, &r, |x| x.silu().unwrap()),
+        ]
     }
 
     /// f64 matches candle's op and its derivative to rounding; f32 (the polynomial `exp`) to
@@ -161,27 +143,11 @@ mod tests {
         for n in [7, 3 * CHUNK + 5] {
             let x = Tensor::from_vec(values(n), (n,), &Device::Cpu).unwrap();
             let [(y, g), (y_ref, g_ref)] = both(&x);
-            assert!(
-                max_abs_diff(&y, &y_ref) < 1e-12,
-                "{}",
-                max_abs_diff(&y, &y_ref)
-            );
-            assert!(
-                max_abs_diff(&g, &g_ref) < 1e-12,
-                "{}",
-                max_abs_diff(&g, &g_ref)
-            );
+            assert_close(&y, &y_ref, 1.0, 1e-12, "y vs y_ref");
+            assert_close(&g, &g_ref, 1.0, 1e-12, "g vs g_ref");
             let [(y32, g32), _] = both(&x.to_dtype(DType::F32).unwrap());
-            assert!(
-                max_abs_diff(&y32, &y_ref) / 20.0 < 2e-6,
-                "{}",
-                max_abs_diff(&y32, &y_ref)
-            );
-            assert!(
-                max_abs_diff(&g32, &g_ref) < 2e-6,
-                "{}",
-                max_abs_diff(&g32, &g_ref)
-            );
+            assert_close(&y32, &y_ref, 20.0, 2e-6, "y32 vs y_ref");
+            assert_close(&g32, &g_ref, 1.0, 2e-6, "g32 vs g_ref");
         }
     }
 }
