@@ -229,6 +229,7 @@ pub fn frozen_conv2d(
 
 #[cfg(test)]
 mod tests {
+    use super::super::cpu::test_util::max_abs_diff;
     use super::*;
 
     /// Both sides of the swap rule give `x @ w^T` (f64: to rounding; the swapped product only
@@ -244,14 +245,7 @@ mod tests {
                 assert_eq!(got.dims(), &[m, n]);
                 assert!(got.is_contiguous());
                 let want = x.matmul(&w.t().unwrap()).unwrap();
-                let diff = (got - want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
+                let diff = max_abs_diff(&got, &want);
                 assert!(diff < 1e-12, "m = {m}, n = {n}, k = {k}: {diff}");
             }
         }

@@ -46,6 +46,44 @@ fn detected() -> SimdLevel {
     SimdLevel::Base
 }
 
+/// Defines `$at(level, args..)`, the body compiled three times (AVX-512, AVX2 + FMA, baseline
+/// x86-64) and run at `level` lowered to what the CPU has, and `$name(args..)` at
+/// [`simd_level`]. The body calls `#[inline(always)]` loops, so each copy is vectorised for its
+/// instruction set.
+macro_rules! dispatched {
+    ($(#[$doc:meta])* $name:ident, $at:ident, ($($arg:ident: $ty:ty),*) => $body:expr) => {
+        $(#[$doc])*
+        #[cfg_attr(not(test), allow(dead_code))]
+        pub(crate) fn $at(level: SimdLevel, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            fn avx512($($arg: $ty),*) {
+                $body
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2($($arg: $ty),*) {
+                $body
+            }
+            match level.min(detected()) {
+                // SAFETY: the CPU has these features (checked by `detected`).
+                #[cfg(target_arch = "x86_64")]
+                SimdLevel::Avx512 => unsafe { avx512($($arg),*) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                SimdLevel::Avx2 => unsafe { avx2($($arg),*) },
+                _ => $body,
+            }
+        }
+
+        $(#[$doc])*
+        #[inline]
+        pub(crate) fn $name($($arg: $ty),*) {
+            $at(simd_level(), $($arg),*)
+        }
+    };
+}
+
 #[inline(always)]
 fn exp_sub_body(o: &mut [f32], r: &[f32], m: f32) {
     for (o, v) in o.iter_mut().zip(r) {
@@ -53,137 +91,30 @@ fn exp_sub_body(o: &mut [f32], r: &[f32], m: f32) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn exp_sub_avx512(o: &mut [f32], r: &[f32], m: f32) {
-    exp_sub_body(o, r, m)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn exp_sub_avx2(o: &mut [f32], r: &[f32], m: f32) {
-    exp_sub_body(o, r, m)
-}
-
-/// `o[i] = exp(r[i] - m)` at the given level; a level the CPU lacks is lowered to
-/// the one it has.
-pub(crate) fn exp_sub_at(level: SimdLevel, o: &mut [f32], r: &[f32], m: f32) {
-    match level.min(detected()) {
-        // SAFETY: the CPU has these features (checked by `detected`).
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => unsafe { exp_sub_avx512(o, r, m) },
-        // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => unsafe { exp_sub_avx2(o, r, m) },
-        _ => exp_sub_body(o, r, m),
-    }
-}
-
-/// `o[i] = exp(r[i] - m)` at [`simd_level`].
-#[inline]
-pub(crate) fn exp_sub(o: &mut [f32], r: &[f32], m: f32) {
-    exp_sub_at(simd_level(), o, r, m)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn geglu_fwd_avx512(o: &mut [f32], a: &[f32], gate: &[f32]) {
-    super::geglu::fwd_row(o, a, gate)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn geglu_fwd_avx2(o: &mut [f32], a: &[f32], gate: &[f32]) {
-    super::geglu::fwd_row(o, a, gate)
-}
-
-/// One GEGLU row (`o = a · GELU(gate)`) at [`simd_level`].
-pub(crate) fn geglu_fwd(o: &mut [f32], a: &[f32], gate: &[f32]) {
-    match simd_level() {
-        // SAFETY: `simd_level` never exceeds what the CPU has.
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => unsafe { geglu_fwd_avx512(o, a, gate) },
-        // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => unsafe { geglu_fwd_avx2(o, a, gate) },
-        _ => super::geglu::fwd_row(o, a, gate),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn geglu_bwd_avx512(da: &mut [f32], dg: &mut [f32], a: &[f32], gate: &[f32], go: &[f32]) {
-    super::geglu::bwd_row(da, dg, a, gate, go)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn geglu_bwd_avx2(da: &mut [f32], dg: &mut [f32], a: &[f32], gate: &[f32], go: &[f32]) {
-    super::geglu::bwd_row(da, dg, a, gate, go)
-}
-
-/// One GEGLU backward row at [`simd_level`].
-pub(crate) fn geglu_bwd(da: &mut [f32], dg: &mut [f32], a: &[f32], gate: &[f32], go: &[f32]) {
-    match simd_level() {
-        // SAFETY: `simd_level` never exceeds what the CPU has.
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => unsafe { geglu_bwd_avx512(da, dg, a, gate, go) },
-        // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => unsafe { geglu_bwd_avx2(da, dg, a, gate, go) },
-        _ => super::geglu::bwd_row(da, dg, a, gate, go),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn silu_fwd_avx512(o: &mut [f32], x: &[f32]) {
-    super::silu::fwd_row(o, x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn silu_fwd_avx2(o: &mut [f32], x: &[f32]) {
-    super::silu::fwd_row(o, x)
-}
-
-/// `o = x · σ(x)` at [`simd_level`].
-pub(crate) fn silu_fwd(o: &mut [f32], x: &[f32]) {
-    match simd_level() {
-        // SAFETY: `simd_level` never exceeds what the CPU has.
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => unsafe { silu_fwd_avx512(o, x) },
-        // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => unsafe { silu_fwd_avx2(o, x) },
-        _ => super::silu::fwd_row(o, x),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn silu_bwd_avx512(dx: &mut [f32], x: &[f32], g: &[f32]) {
-    super::silu::bwd_row(dx, x, g)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn silu_bwd_avx2(dx: &mut [f32], x: &[f32], g: &[f32]) {
-    super::silu::bwd_row(dx, x, g)
-}
-
-/// SiLU's backward at [`simd_level`].
-pub(crate) fn silu_bwd(dx: &mut [f32], x: &[f32], g: &[f32]) {
-    match simd_level() {
-        // SAFETY: `simd_level` never exceeds what the CPU has.
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => unsafe { silu_bwd_avx512(dx, x, g) },
-        // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => unsafe { silu_bwd_avx2(dx, x, g) },
-        _ => super::silu::bwd_row(dx, x, g),
-    }
-}
+dispatched!(
+    /// `o[i] = exp(r[i] - m)`.
+    exp_sub, exp_sub_at, (o: &mut [f32], r: &[f32], m: f32) => exp_sub_body(o, r, m)
+);
+dispatched!(
+    /// One GEGLU row, `o = a · GELU(gate)`.
+    geglu_fwd, geglu_fwd_at, (o: &mut [f32], a: &[f32], gate: &[f32])
+        => super::geglu::fwd_row(o, a, gate)
+);
+dispatched!(
+    /// One GEGLU backward row.
+    geglu_bwd, geglu_bwd_at,
+    (da: &mut [f32], dg: &mut [f32], a: &[f32], gate: &[f32], go: &[f32])
+        => super::geglu::bwd_row(da, dg, a, gate, go)
+);
+dispatched!(
+    /// `o = x · σ(x)`.
+    silu_fwd, silu_fwd_at, (o: &mut [f32], x: &[f32]) => super::silu::fwd_row(o, x)
+);
+dispatched!(
+    /// SiLU's backward.
+    silu_bwd, silu_bwd_at, (dx: &mut [f32], x: &[f32], g: &[f32])
+        => super::silu::bwd_row(dx, x, g)
+);
 
 #[cfg(test)]
 mod tests {
