@@ -4,7 +4,7 @@
 #
 # 13.0 because the newest driver seen on the GPU machines lent to this project is CUDA 13.0
 # (driver 580): PTX from a newer nvcc would not load there. cudarc 0.19 accepts up to 13.4.
-CUDA_VENV="${CUDA_VENV:-$HOME/.cache/sd-lora/cuda-venv}"
+CUDA_VENV="${CUDA_VENV:-${SD_LORA_CACHE:-$HOME/.cache/sd-lora}/cuda-venv}"
 CUDA_WHEELS=(
     nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88
     nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 case "${1:-}" in
 prepare)
     source scripts/cuda-env.sh
-    export CARGO_TARGET_DIR="${CUDA_TARGET_DIR:-$HOME/.cache/sd-lora/target-cuda}"
+    export CARGO_TARGET_DIR="${CUDA_TARGET_DIR:-${SD_LORA_CACHE:-$HOME/.cache/sd-lora}/target-cuda}"
     cargo build --locked --release --features cuda --bin sd-lora
     test_bin=$(cargo test --locked --release --features cuda --test cuda --no-run \
         --message-format=json 2>/dev/null |

@@ -2,34 +2,20 @@
 # Executes every notebook in notebooks/ headlessly with the Rust (evcxr) kernel and fails on
 # any error output or stderr stream; prints "N passed, N failed". Part of ./scripts/test.sh.
 #
-# Installs what it needs when missing (skipped when present):
-#   evcxr_jupyter 0.22.0 (cargo install --locked, ~15 min on 2 cores) and its `rust` kernelspec;
-#   nbclient in a venv under ~/.cache/sd-lora/nb-venv.
-# The kernel's build of the crate is kept in ~/.cache/sd-lora/evcxr (EVCXR_TMPDIR), so only the
-# first run compiles candle (~7 min). Executed copies go to ~/.cache/sd-lora/notebooks-out/.
+# Installs what it needs when missing (scripts/install-tools.sh: evcxr_jupyter 0.22.0 and its
+# `rust` kernelspec, nbclient in a venv), all under $SD_LORA_CACHE (default ~/.cache/sd-lora).
+# The kernel's build of the crate is kept in $SD_LORA_CACHE/evcxr (EVCXR_TMPDIR), so only the
+# first run compiles candle (~6 min). Executed copies go to $SD_LORA_CACHE/notebooks-out/.
 #
 #   ./scripts/notebooks.sh [NOTEBOOK.ipynb ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CACHE="$HOME/.cache/sd-lora"
-mkdir -p "$CACHE"
-export PATH="$HOME/.cargo/bin:$PATH"
-
-if ! cargo install --list | grep -q '^evcxr_jupyter v0.22.0:'; then
-    echo "installing evcxr_jupyter 0.22.0 (one time, ~15 min)"
-    cargo install --locked evcxr_jupyter --version 0.22.0
-fi
-KSPEC="${JUPYTER_DATA_DIR:-$HOME/.local/share/jupyter}/kernels/rust/kernel.json"
-if [[ ! -f "$KSPEC" ]]; then
-    evcxr_jupyter --install
-fi
-
+export SD_LORA_CACHE="${SD_LORA_CACHE:-$HOME/.cache/sd-lora}"
+CACHE="$SD_LORA_CACHE"
+./scripts/install-tools.sh nbclient evcxr
+export PATH="$CACHE/tools/bin:$HOME/.cargo/bin:$PATH"
+export JUPYTER_DATA_DIR="$CACHE/jupyter"
 VENV="$CACHE/nb-venv"
-if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import nbclient" 2>/dev/null; then
-    echo "creating $VENV with nbclient"
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check "nbclient==0.10.2" "nbformat==5.10.4"
-fi
 
 export EVCXR_TMPDIR="$CACHE/evcxr"
 mkdir -p "$EVCXR_TMPDIR"
