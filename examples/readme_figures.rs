@@ -7,7 +7,7 @@
 //! Default OUT_DIR: docs/img.
 
 use anyhow::Result;
-use sd_lora::bench::peak_rss_mib;
+use sd_lora::device::peak_rss_mib;
 use sd_lora::plot::*;
 use sd_lora::prelude::*;
 

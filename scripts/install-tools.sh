@@ -36,9 +36,9 @@ install_evcxr() {
             cargo install --locked evcxr_jupyter --version "$EVCXR_VERSION" --root "$root"
         rm -rf "$SD_LORA_CACHE/evcxr-build"
     fi
-    # the kernelspec lives in the cache too (scripts/notebooks.sh points Jupyter at it)
-    export JUPYTER_DATA_DIR="$SD_LORA_CACHE/jupyter"
-    local kspec="$JUPYTER_DATA_DIR/kernels/rust/kernel.json"
+    # the `rust` kernelspec goes where evcxr puts it (Jupyter's user data folder,
+    # ~/.local/share/jupyter); rewritten when it names another evcxr binary
+    local kspec="${JUPYTER_DATA_DIR:-$HOME/.local/share/jupyter}/kernels/rust/kernel.json"
     if [[ ! -f "$kspec" ]] || ! grep -q "$root/bin/evcxr_jupyter" "$kspec"; then
         "$root/bin/evcxr_jupyter" --install
     fi

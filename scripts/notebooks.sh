@@ -14,7 +14,6 @@ export SD_LORA_CACHE="${SD_LORA_CACHE:-$HOME/.cache/sd-lora}"
 CACHE="$SD_LORA_CACHE"
 ./scripts/install-tools.sh nbclient evcxr
 export PATH="$CACHE/tools/bin:$HOME/.cargo/bin:$PATH"
-export JUPYTER_DATA_DIR="$CACHE/jupyter"
 VENV="$CACHE/nb-venv"
 
 export EVCXR_TMPDIR="$CACHE/evcxr"

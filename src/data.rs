@@ -74,7 +74,8 @@ pub struct Example {
     pub caption: String,
 }
 
-/// A loaded image folder.
+/// A loaded image folder (the tutorial's `DanbooruDataset`, for any folder of images).
+#[doc(alias = "DanbooruDataset")]
 #[derive(Debug, Clone)]
 pub struct ImageFolder {
     pub root: PathBuf,

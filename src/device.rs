@@ -37,15 +37,31 @@ pub fn default_dtype(device: &Device) -> DType {
     }
 }
 
+/// `f32`/`fp32`, `f16`/`fp16` or `bf16`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" | "fp32" => Ok(DType::F32),
+        "f16" | "fp16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => bail!("unknown dtype `{other}` (f32, f16 or bf16)"),
+    }
+}
+
+/// Refuses bf16 compute on the CPU (candle has no bf16 matmul there).
+pub fn check_dtype(dtype: DType, device: &Device) -> Result<()> {
+    if dtype == DType::BF16 && device.is_cpu() {
+        bail!("bf16 compute is not available on the CPU (candle has no bf16 matmul there): use f32 or f16");
+    }
+    Ok(())
+}
+
 /// Parses `--dtype` (`auto` = [`default_dtype`]) and refuses bf16 on the CPU.
 pub fn parse_dtype_for(s: &str, device: &Device) -> Result<DType> {
     let dtype = match s {
         "auto" => default_dtype(device),
-        other => crate::cli::parse_dtype(other)?,
+        other => parse_dtype(other)?,
     };
-    if dtype == DType::BF16 && device.is_cpu() {
-        bail!("bf16 compute is not available on the CPU (candle has no bf16 matmul there): use f32 or f16");
-    }
+    check_dtype(dtype, device)?;
     Ok(dtype)
 }
 
@@ -100,7 +116,7 @@ pub fn tune_cpu_threads() -> usize {
 /// ~20% of its time in page faults (perf). With the threshold at 1 GiB and the trim threshold
 /// at 2 GiB (glibc takes an int), freed blocks go back to the heap and are reused: the tiny
 /// training step ran ~25% faster (BENCHMARKS.md). The cost is memory the heap keeps after a peak (returned by
-/// [`crate::bench::reset_peak_rss`] or at exit). Set `SD_LORA_MALLOC_TUNING=0` to keep glibc's
+/// [`reset_peak_rss`] or at exit). Set `SD_LORA_MALLOC_TUNING=0` to keep glibc's
 /// defaults. Other platforms and allocators: a no-op.
 pub fn tune_cpu_allocator() -> bool {
     static DONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -125,4 +141,31 @@ pub fn tune_cpu_allocator() -> bool {
             false
         }
     })
+}
+
+/// The process's peak resident set size in MiB (Linux `VmHWM`), if known.
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Resets the peak resident set size (`VmHWM`) to the current one (Linux: writes 5 to
+/// `/proc/self/clear_refs`), so that [`peak_rss_mib`] measures the peak of what runs next.
+/// First hands freed heap memory back to the system (glibc `malloc_trim`): otherwise memory
+/// that an earlier run freed but the allocator kept would count towards the next run's peak.
+/// Returns false where the kernel does not allow the reset.
+pub fn reset_peak_rss() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: glibc's malloc_trim only releases free memory; it takes no pointers.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }

@@ -5,13 +5,15 @@
 //! injectable by module name (the tutorial's `LoRALayer` / `inject_lora_into_unet`), and LoRA
 //! files in the formats diffusers, PEFT and kohya/A1111/ComfyUI read.
 //!
-//! Notebooks start with `use sd_lora::prelude::*;`.
+//! Notebooks start with `use sd_lora::prelude::*;`. ARCHITECTURE.md maps the modules; a lower
+//! layer never imports a higher one (checked by `tests/layers.rs`).
 
-pub mod bench;
-pub mod cli;
+pub mod commands;
 pub mod data;
 pub mod device;
+pub mod io;
 pub mod lora;
+pub mod nn;
 pub mod ops;
 pub mod pipeline;
 pub mod plot;

@@ -283,7 +283,7 @@ pub fn save_weights(vars: &[(String, Var)], dtype: DType, path: &Path) -> Result
             v.as_tensor().to_device(&Device::Cpu)?.to_dtype(dtype)?,
         );
     }
-    crate::lora::io::write_safetensors_atomic(&tensors, None, path)
+    crate::io::write_safetensors_atomic(&tensors, None, path)
 }
 
 fn squeezed(d: &[usize]) -> Vec<usize> {

@@ -44,7 +44,7 @@ fn scenes_are_deterministic_and_the_checks_read_them() {
 
 mod common;
 
-use sd_lora::tiny::pretrain::{pretrain_tiny, PretrainConfig};
+use sd_lora::commands::pretrain::{pretrain_tiny, PretrainConfig};
 
 fn small(
     out: &std::path::Path,
@@ -159,15 +159,15 @@ fn shortened_demo_on_the_shipped_model_shifts_the_style() {
     let dir = sd_lora::pipeline::resolve_model("tiny", None, None).unwrap();
     assert_eq!(dir, sd_lora::tiny::tiny_model_dir());
     let out = tempfile::tempdir().unwrap();
-    let cfg = sd_lora::tiny::demo::DemoConfig {
+    let cfg = sd_lora::commands::demo::DemoConfig {
         out: out.path().to_path_buf(),
         epochs: 10,
-        prompts: sd_lora::tiny::demo::demo_prompts(4),
+        prompts: sd_lora::tiny::eval::demo_prompts(4),
         score_prompts: 8,
         sample_steps: 12,
         ..Default::default()
     };
-    let s = sd_lora::tiny::demo::run_demo(&cfg, &mut |_| {}).unwrap();
+    let s = sd_lora::commands::demo::run_demo(&cfg, &mut |_| {}).unwrap();
     println!("{}", serde_json::to_string_pretty(&s).unwrap());
     for f in [
         "before_after.png",
@@ -204,12 +204,12 @@ fn shortened_demo_on_the_shipped_model_shifts_the_style() {
 #[test]
 fn demo_refuses_fewer_than_two_scored_prompts() {
     let out = tempfile::tempdir().unwrap();
-    let cfg = sd_lora::tiny::demo::DemoConfig {
+    let cfg = sd_lora::commands::demo::DemoConfig {
         out: out.path().join("demo"),
         score_prompts: 1,
         ..Default::default()
     };
-    let e = sd_lora::tiny::demo::run_demo(&cfg, &mut |_| {}).unwrap_err();
+    let e = sd_lora::commands::demo::run_demo(&cfg, &mut |_| {}).unwrap_err();
     assert!(format!("{e:#}").contains("score_prompts"), "{e:#}");
     assert!(!out.path().join("demo").exists());
 }
@@ -220,32 +220,32 @@ fn demo_refuses_bad_training_settings_up_front() {
     let out = tempfile::tempdir().unwrap();
     for (cfg, field) in [
         (
-            sd_lora::tiny::demo::DemoConfig {
+            sd_lora::commands::demo::DemoConfig {
                 lr: -1.0,
                 ..Default::default()
             },
             "lr",
         ),
         (
-            sd_lora::tiny::demo::DemoConfig {
+            sd_lora::commands::demo::DemoConfig {
                 lr: f64::NAN,
                 ..Default::default()
             },
             "lr",
         ),
         (
-            sd_lora::tiny::demo::DemoConfig {
+            sd_lora::commands::demo::DemoConfig {
                 epochs: 0,
                 ..Default::default()
             },
             "epochs",
         ),
     ] {
-        let cfg = sd_lora::tiny::demo::DemoConfig {
+        let cfg = sd_lora::commands::demo::DemoConfig {
             out: out.path().join("demo"),
             ..cfg
         };
-        let e = sd_lora::tiny::demo::run_demo(&cfg, &mut |_| {}).unwrap_err();
+        let e = sd_lora::commands::demo::run_demo(&cfg, &mut |_| {}).unwrap_err();
         assert!(format!("{e:#}").contains(field), "{e:#}");
         assert!(!out.path().join("demo").exists());
     }
@@ -272,7 +272,7 @@ fn shipped_model_draws_the_named_colour() {
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    let acc = sd_lora::tiny::demo::colour_accuracy(&sd, 60, 123, 20).unwrap();
+    let acc = sd_lora::tiny::eval::colour_accuracy(&sd, 60, 123, 20).unwrap();
     println!("colour match {acc:.3}, quality.json {}", q["colour_match"]);
     assert!(acc >= 0.7, "colour match {acc}");
     assert!((acc - q["colour_match"].as_f64().unwrap()).abs() <= 0.05);

@@ -278,8 +278,8 @@ fn resume_from_a_checkpoint_is_bit_identical() {
     // uninterrupted, checkpointing every 5 steps (step 5 is mid-epoch: 2 steps per epoch)
     let (_d1, sd, cache) = setup();
     let mut t = Trainer::new(&sd, cfg.clone()).unwrap();
-    t.checkpoints = Some((ckpt.path().to_path_buf(), 5));
-    t.train(&sd, &cache, &mut |_| {}).unwrap();
+    let mut every5 = sd_lora::train::Checkpoints::new(ckpt.path(), 5);
+    t.train_with(&sd, &cache, &mut [&mut every5]).unwrap();
     let want = lora_values(&sd);
     for s in [5, 10, 12] {
         assert!(

@@ -31,7 +31,7 @@ pub const INJECTABLE: &[&str] = &[
     "ff.net.2",
 ];
 
-/// LoRA configuration. `Default` is the tutorial's: rank 16, alpha 32, `to_q,to_k,to_v` of
+/// LoRA configuration (the tutorial's `LoRALayer` arguments). `Default` is the tutorial's: rank 16, alpha 32, `to_q,to_k,to_v` of
 /// every self- (`attn1`) and cross-attention (`attn2`), `A ~ N(0, 0.01^2)`, `B = 0`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraConfig {
@@ -53,7 +53,7 @@ impl Default for LoraConfig {
     fn default() -> Self {
         Self {
             rank: 16,
-            alpha: 32.0,
+            alpha: Self::default_alpha(16),
             targets: vec!["to_q".into(), "to_k".into(), "to_v".into()],
             init: LoraInit::default(),
             seed: 202509,
@@ -65,6 +65,16 @@ impl LoraConfig {
     /// The tutorial's configuration (same as `Default`).
     pub fn tutorial() -> Self {
         Self::default()
+    }
+
+    /// The alpha used when none is given: 2 x rank (the tutorial's choice, scale 2).
+    pub fn default_alpha(rank: usize) -> f64 {
+        2.0 * rank as f64
+    }
+
+    /// `rank` with alpha = [`LoraConfig::default_alpha`], default targets and init.
+    pub fn with_rank(rank: usize) -> Self {
+        Self::new(rank, Self::default_alpha(rank))
     }
 
     /// `rank` and `alpha` with the default targets and init.

@@ -17,19 +17,22 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::linear::LoraLinear;
+use crate::io::write_safetensors_atomic;
 
 /// The on-disk layout of a LoRA file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LoraFormat {
     /// diffusers' `save_lora_weights` / PEFT: `unet.<module>.lora_A.weight`.
+    #[value(alias = "diffusers")]
     Peft,
     /// kohya sd-scripts, A1111, ComfyUI: `lora_unet_<module>.lora_down.weight` + `.alpha`.
+    #[value(aliases = ["a1111", "comfyui"])]
     Kohya,
-    /// diffusers' older `unet.<module>.lora.down.weight`.
+    /// diffusers' older `unet.<module>.lora.down.weight` (read only).
+    #[value(skip)]
     DiffusersOld,
 }
 
@@ -275,40 +278,6 @@ impl PeftAlphas {
     }
 }
 
-/// Writes `tensors` (+ metadata) to `path` atomically: a temporary file in the same folder,
-/// fsync, rename. A crash leaves either the old file or the new one, never half a file.
-pub fn write_safetensors_atomic(
-    tensors: &BTreeMap<String, Tensor>,
-    metadata: Option<HashMap<String, String>>,
-    path: &Path,
-) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create folder {}", dir.display()))?;
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), metadata)
-        .map_err(|e| anyhow::anyhow!("cannot serialise tensors for {}: {e}", path.display()))?;
-    let name = path
-        .file_name()
-        .context("output path has no file name")?
-        .to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("cannot write {}", path.display())));
-    }
-    Ok(())
-}
-
 /// Saves each layer's main adapter (`default`, else its first) in `format` (`Peft` writes
 /// diffusers' `save_lora_weights` layout with `lora_adapter_metadata`; `Kohya` writes
 /// `lora_unet_*` with `.alpha`).
@@ -431,4 +400,69 @@ pub fn save_lora_as(
         meta.insert(k.clone(), v.clone());
     }
     write_safetensors_atomic(&tensors, Some(meta), path)
+}
+
+/// kohya sd-scripts' `ss_*` training metadata, written into kohya-format files beside the
+/// tensors (A1111's and ComfyUI's LoRA browsers show these fields).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KohyaTrainingMetadata {
+    pub learning_rate: f64,
+    pub num_epochs: usize,
+    pub max_train_steps: usize,
+    pub train_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    /// The schedule as text, e.g. `CosineEpoch { eta_min: 1e-6 }`.
+    pub lr_scheduler: String,
+    pub lr_warmup_steps: usize,
+    pub seed: u64,
+    pub num_train_images: usize,
+    /// (width, height) in pixels.
+    pub resolution: (usize, usize),
+    pub min_snr_gamma: Option<f64>,
+    pub noise_offset: f64,
+    pub caption_dropout_rate: f64,
+    /// The precision the file is saved in.
+    pub save_precision: DType,
+}
+
+impl KohyaTrainingMetadata {
+    /// The `ss_*` entries (strings, as kohya writes them).
+    pub fn to_metadata(&self) -> HashMap<String, String> {
+        [
+            ("ss_learning_rate", self.learning_rate.to_string()),
+            ("ss_unet_lr", self.learning_rate.to_string()),
+            ("ss_num_epochs", self.num_epochs.to_string()),
+            ("ss_max_train_steps", self.max_train_steps.to_string()),
+            ("ss_train_batch_size", self.train_batch_size.to_string()),
+            (
+                "ss_gradient_accumulation_steps",
+                self.gradient_accumulation_steps.to_string(),
+            ),
+            ("ss_lr_scheduler", self.lr_scheduler.clone()),
+            ("ss_lr_warmup_steps", self.lr_warmup_steps.to_string()),
+            ("ss_seed", self.seed.to_string()),
+            ("ss_num_train_images", self.num_train_images.to_string()),
+            (
+                "ss_resolution",
+                format!("({}, {})", self.resolution.0, self.resolution.1),
+            ),
+            (
+                "ss_min_snr_gamma",
+                self.min_snr_gamma.map_or("None".into(), |g| g.to_string()),
+            ),
+            ("ss_noise_offset", self.noise_offset.to_string()),
+            (
+                "ss_caption_dropout_rate",
+                self.caption_dropout_rate.to_string(),
+            ),
+            ("ss_training_comment", "trained with sd-lora".into()),
+            (
+                "ss_save_precision",
+                format!("{:?}", self.save_precision).to_lowercase(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
 }

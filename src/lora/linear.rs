@@ -48,7 +48,9 @@ impl LoraAdapter {
     }
 }
 
-/// A frozen linear layer with any number of LoRA adapters (usually one), whose updates add up.
+/// A frozen linear layer with any number of LoRA adapters (usually one), whose updates add up:
+/// the tutorial's `LoRALayer` inside its `LinearWithLoRA`.
+#[doc(alias = "LoRALayer", alias = "LinearWithLoRA")]
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
     name: String,

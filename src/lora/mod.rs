@@ -14,10 +14,14 @@ pub use config::{target_matches, LoraConfig, LoraInit, INJECTABLE};
 pub use io::{LoraFile, LoraFormat, LoraModuleWeights};
 pub use linear::{LoraAdapter, LoraLinear, DEFAULT_ADAPTER};
 
-/// A model whose linear layers can carry LoRA adapters. Implemented by the UNet; the provided
-/// methods do the injection, counting and control.
+/// A model whose linear layers can carry LoRA adapters. Implemented by the UNet and the CLIP
+/// text encoder; the provided methods do the injection (the tutorial's
+/// `inject_lora_into_unet`), counting and control.
+#[doc(alias = "inject_lora_into_unet")]
 pub trait LoraModel: Clone {
-    /// Visits every LoRA-capable linear layer in a fixed order.
+    /// Reads every LoRA-capable linear layer, in the order of [`LoraModel::for_each_linear`].
+    fn visit_linears(&self, f: &mut dyn FnMut(&LoraLinear) -> Result<()>) -> Result<()>;
+    /// Visits every LoRA-capable linear layer in a fixed order, mutably.
     fn for_each_linear(&mut self, f: &mut dyn FnMut(&mut LoraLinear) -> Result<()>) -> Result<()>;
     /// Number of frozen (base) parameters.
     fn base_param_count(&self) -> usize;
@@ -26,7 +30,7 @@ pub trait LoraModel: Clone {
     /// Snapshot of the linear layers (cheap: tensors are shared, not copied).
     fn linears(&self) -> Result<Vec<LoraLinear>> {
         let mut out = Vec::new();
-        self.clone().for_each_linear(&mut |l| {
+        self.visit_linears(&mut |l| {
             out.push(l.clone());
             Ok(())
         })?;
@@ -35,15 +39,18 @@ pub trait LoraModel: Clone {
 
     /// Module paths of all LoRA-capable linear layers.
     fn linear_names(&self) -> Result<Vec<String>> {
-        Ok(self
-            .linears()?
-            .iter()
-            .map(|l| l.name().to_string())
-            .collect())
+        let mut out = Vec::new();
+        self.visit_linears(&mut |l| {
+            out.push(l.name().to_string());
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Adds a fresh adapter to every layer matching `cfg.targets` and registers its `A`/`B`
-    /// in `varmap` as `<module>.lora_A.weight` / `<module>.lora_B.weight`.
+    /// in `varmap` as `<module>.lora_A.weight` / `<module>.lora_B.weight` (the tutorial's
+    /// `inject_lora_into_unet`).
+    #[doc(alias = "inject_lora_into_unet")]
     fn inject_lora(&mut self, cfg: &LoraConfig, varmap: &VarMap) -> Result<LoraSummary> {
         cfg.validate()?;
         let names = self.linear_names()?;
@@ -130,7 +137,7 @@ pub trait LoraModel: Clone {
     /// Counts of adapted layers and parameters.
     fn lora_summary(&self) -> Result<LoraSummary> {
         let mut layers = Vec::new();
-        for l in self.linears()? {
+        self.visit_linears(&mut |l| {
             for ad in l.adapters() {
                 layers.push(LoraLayerInfo {
                     name: l.name().to_string(),
@@ -142,7 +149,8 @@ pub trait LoraModel: Clone {
                     params: ad.num_params(),
                 });
             }
-        }
+            Ok(())
+        })?;
         let trainable: usize = layers.iter().map(|l| l.params).sum();
         Ok(LoraSummary {
             lora_layers: layers.len(),
@@ -154,27 +162,30 @@ pub trait LoraModel: Clone {
 
     /// The LoRA tensors, `(<module>.lora_A.weight | lora_B.weight, var)` for the `default`
     /// adapter, `<module>.lora_A.<adapter>.weight` for others (PEFT's naming).
+    #[doc(alias = "freeze_non_lora_params")]
     fn lora_vars(&self) -> Result<Vec<(String, Var)>> {
         let mut out = Vec::new();
-        for l in self.linears()? {
+        self.visit_linears(&mut |l| {
             for ad in l.adapters() {
                 out.push((var_name(l.name(), &ad.name, "A"), ad.a.clone()));
                 out.push((var_name(l.name(), &ad.name, "B"), ad.b.clone()));
             }
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 
     /// Names of the adapters present, in first-seen order.
     fn adapter_names(&self) -> Result<Vec<String>> {
         let mut names: Vec<String> = Vec::new();
-        for l in self.linears()? {
+        self.visit_linears(&mut |l| {
             for ad in l.adapters() {
                 if !names.contains(&ad.name) {
                     names.push(ad.name.clone());
                 }
             }
-        }
+            Ok(())
+        })?;
         Ok(names)
     }
 
@@ -183,10 +194,11 @@ pub trait LoraModel: Clone {
         if !scale.is_finite() {
             bail!("LoRA scale must be finite, got {scale}");
         }
-        if !self.adapter_names()?.iter().any(|n| n == name) {
+        let names = self.adapter_names()?;
+        if !names.iter().any(|n| n == name) {
             bail!(
                 "no LoRA adapter named `{name}` (have: {})",
-                self.adapter_names()?.join(", ")
+                names.join(", ")
             );
         }
         self.for_each_linear(&mut |l| {

@@ -62,20 +62,6 @@ pub struct Images {
 }
 
 impl Images {
-    /// The images side by side in one row (small images scaled up, see
-    /// [`crate::plot::labelled_grid`]).
-    pub fn to_png(&self) -> Result<crate::plot::Png> {
-        crate::plot::labelled_grid(std::slice::from_ref(&self.images), &[], &[], None)
-    }
-
-    /// Inline display in evcxr notebooks (a PNG row of the images).
-    pub fn evcxr_display(&self) {
-        match self.to_png() {
-            Ok(p) => p.evcxr_display(),
-            Err(e) => println!("{e:#}"),
-        }
-    }
-
     /// Writes the images as PNG: one image to `path` itself; several to `stem-0.png`,
     /// `stem-1.png`, ... beside it. Returns the paths written.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
@@ -108,7 +94,8 @@ impl Images {
 }
 
 impl StableDiffusion {
-    /// Generates `cfg.num_images` images for `cfg.prompt`.
+    /// Generates `cfg.num_images` images for `cfg.prompt` (the tutorial's `generate_images`).
+    #[doc(alias = "generate_images")]
     pub fn generate(&self, cfg: &GenerateConfig) -> Result<Images> {
         self.generate_with_progress(cfg, &mut |_, _| {})
     }
@@ -226,32 +213,4 @@ impl StableDiffusion {
         self.unet.set_lora_scale(1.0)?;
         Ok(out)
     }
-}
-
-/// Tiles equally sized images into `rows x cols` with a 4-pixel white gap (row-major).
-/// Labels come with the plot renderers; see `render`.
-pub fn image_grid(images: &[&image::RgbImage], cols: usize) -> Result<image::RgbImage> {
-    let first = images.first().context("no images for the grid")?;
-    let (w, h) = first.dimensions();
-    if images.iter().any(|i| i.dimensions() != (w, h)) {
-        bail!("grid images must all have the same size");
-    }
-    let cols = cols.clamp(1, images.len());
-    let rows = images.len().div_ceil(cols);
-    let gap = 4u32;
-    let mut grid = image::RgbImage::from_pixel(
-        cols as u32 * (w + gap) - gap,
-        rows as u32 * (h + gap) - gap,
-        image::Rgb([255, 255, 255]),
-    );
-    for (i, img) in images.iter().enumerate() {
-        let (r, c) = ((i / cols) as u32, (i % cols) as u32);
-        image::imageops::replace(
-            &mut grid,
-            *img,
-            (c * (w + gap)) as i64,
-            (r * (h + gap)) as i64,
-        );
-    }
-    Ok(grid)
 }

@@ -3,14 +3,13 @@
 //! reloading anything.
 
 pub mod generate;
-pub mod load;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
-pub use generate::{image_grid, GenerateConfig, Images};
-pub use load::{resolve_model, DEFAULT_MODEL};
+pub use crate::io::{resolve_model, DEFAULT_MODEL};
+pub use generate::{GenerateConfig, Images};
 
 use crate::scheduler::SchedulerConfig;
 use crate::text::{ClipTextModel, ClipTokenizer};

@@ -2,7 +2,7 @@
 //! and the LoRA strength strip. Raster output ([`Png`]); small images are scaled up by an
 //! integer factor (nearest neighbour) so cells are at least 128 px and labels stay legible.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use image::RgbImage;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -38,7 +38,9 @@ fn fit(s: &str, max: u32) -> String {
 }
 
 /// A grid: `rows[r][c]` is the image at row r, column c (all the same size). Labels may be
-/// empty slices (no label band) or one per row / column.
+/// empty slices (no label band) or one per row / column. The tutorial's `show_samples` and
+/// `show_comparison` (before/after rows).
+#[doc(alias = "show_samples", alias = "show_comparison")]
 pub fn labelled_grid(
     rows: &[Vec<RgbImage>],
     row_labels: &[String],
@@ -140,4 +142,32 @@ pub fn strength_strip(images: &[RgbImage], strengths: &[f64], title: Option<&str
     }
     let labels: Vec<String> = strengths.iter().map(|s| format!("strength {s}")).collect();
     labelled_grid(&[images.to_vec()], &[], &labels, title)
+}
+
+/// Tiles equally sized images into `rows x cols` with a 4-pixel white gap (row-major).
+/// [`labelled_grid`] adds row and column labels.
+pub fn image_grid(images: &[&image::RgbImage], cols: usize) -> Result<image::RgbImage> {
+    let first = images.first().context("no images for the grid")?;
+    let (w, h) = first.dimensions();
+    if images.iter().any(|i| i.dimensions() != (w, h)) {
+        bail!("grid images must all have the same size");
+    }
+    let cols = cols.clamp(1, images.len());
+    let rows = images.len().div_ceil(cols);
+    let gap = 4u32;
+    let mut grid = image::RgbImage::from_pixel(
+        cols as u32 * (w + gap) - gap,
+        rows as u32 * (h + gap) - gap,
+        image::Rgb([255, 255, 255]),
+    );
+    for (i, img) in images.iter().enumerate() {
+        let (r, c) = ((i / cols) as u32, (i % cols) as u32);
+        image::imageops::replace(
+            &mut grid,
+            *img,
+            (c * (w + gap)) as i64,
+            (r * (h + gap)) as i64,
+        );
+    }
+    Ok(grid)
 }

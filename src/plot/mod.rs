@@ -11,6 +11,7 @@
 pub mod anatomy;
 pub mod bars;
 pub mod grid;
+pub mod images;
 pub mod loss;
 
 use anyhow::{bail, Context, Result};
@@ -21,7 +22,7 @@ use std::path::Path;
 
 pub use anatomy::{spectra_chart, LayerAnatomy, LoraAnatomy};
 pub use bars::{bar_chart, run_comparison, RunStats};
-pub use grid::{labelled_grid, strength_strip};
+pub use grid::{image_grid, labelled_grid, strength_strip};
 pub use loss::{ema, loss_curve, loss_curves, LossRun, EMA_WEIGHT};
 
 /// The font family every renderer uses (registered on first use).

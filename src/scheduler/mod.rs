@@ -14,13 +14,14 @@ use candle_core::{DType, Tensor};
 pub use config::SchedulerConfig;
 
 /// The sampling algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SchedulerKind {
     /// Ancestral DDPM (stochastic); the tutorial's sampler.
     Ddpm,
     /// DDIM with eta = 0 (deterministic).
     Ddim,
     /// Euler-ancestral (stochastic), good images in 20-30 steps.
+    #[value(name = "euler-a", aliases = ["euler_a", "euler-ancestral", "euler_ancestral"])]
     EulerAncestral,
 }
 

@@ -7,8 +7,8 @@ use serde::Deserialize;
 use std::path::Path;
 
 use crate::lora::{LoraLinear, LoraModel};
+use crate::nn::LayerNorm;
 use crate::ops;
-use crate::unet::nn::LayerNorm;
 use crate::weights::{component_dir, open_weights, Init, ParamRecord, WeightSource};
 
 fn d_act() -> String {
@@ -274,6 +274,15 @@ fn ops_sigmoid(x: &Tensor) -> Result<Tensor> {
 }
 
 impl LoraModel for ClipTextModel {
+    fn visit_linears(&self, f: &mut dyn FnMut(&LoraLinear) -> Result<()>) -> Result<()> {
+        for l in &self.layers {
+            for p in [&l.q_proj, &l.k_proj, &l.v_proj, &l.out_proj, &l.fc1, &l.fc2] {
+                f(p)?;
+            }
+        }
+        Ok(())
+    }
+
     fn for_each_linear(&mut self, f: &mut dyn FnMut(&mut LoraLinear) -> Result<()>) -> Result<()> {
         for l in &mut self.layers {
             for p in [

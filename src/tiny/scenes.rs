@@ -37,9 +37,12 @@ pub const BACKGROUNDS: [(&str, [u8; 3]); 5] = [
 ];
 
 /// The two renderings of a scene.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Look {
+    /// Soft, photographic shading (what the tiny model was pre-trained on).
+    #[value(alias = "photo")]
     Base,
+    /// Flat cel shading with dark outlines (the demo's target style).
     Anime,
 }
 

@@ -17,7 +17,7 @@ use std::path::Path;
 
 use super::FlipW;
 use crate::data::ImageFolder;
-use crate::lora::io::write_safetensors_atomic;
+use crate::io::write_safetensors_atomic;
 use crate::pipeline::StableDiffusion;
 
 /// Encoded training data: VAE latent distributions (and of the flipped images) and text

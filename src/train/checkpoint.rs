@@ -11,19 +11,20 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use super::{StepRecord, TrainConfig, Trainer};
-use crate::lora::io::write_safetensors_atomic;
+use crate::io::write_safetensors_atomic;
 
 /// `checkpoint-000042.safetensors`: zero-padded so names sort by step.
 pub fn file_name(step: usize) -> String {
     format!("checkpoint-{step:06}.safetensors")
 }
 
-/// The newest complete checkpoint in `dir` (temporary files of interrupted writes are ignored).
-pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
+/// The complete checkpoints in `dir` by step, oldest first (temporary files of interrupted
+/// writes are ignored).
+fn all_checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     if !dir.is_dir() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    let mut best: Option<(usize, PathBuf)> = None;
+    let mut found = Vec::new();
     for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let p = e?.path();
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -32,12 +33,26 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
             .and_then(|r| r.strip_suffix(".safetensors"))
             .and_then(|n| n.parse::<usize>().ok());
         if let Some(s) = step {
-            if best.as_ref().is_none_or(|(b, _)| s > *b) {
-                best = Some((s, p));
-            }
+            found.push((s, p));
         }
     }
-    Ok(best.map(|(_, p)| p))
+    found.sort();
+    Ok(found)
+}
+
+/// The newest complete checkpoint in `dir` (temporary files of interrupted writes are ignored).
+pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(all_checkpoints(dir)?.pop().map(|(_, p)| p))
+}
+
+/// Deletes all but the newest `keep` checkpoints in `dir`.
+pub fn remove_all_but_newest(dir: &Path, keep: usize) -> Result<()> {
+    let all = all_checkpoints(dir)?;
+    for (_, p) in &all[..all.len().saturating_sub(keep)] {
+        std::fs::remove_file(p)
+            .with_context(|| format!("cannot remove old checkpoint {}", p.display()))?;
+    }
+    Ok(())
 }
 
 /// Deletes temporary files that killed atomic writes left in `dir` (`.<name>.safetensors.tmp-*`).

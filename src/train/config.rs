@@ -13,6 +13,35 @@ pub enum LrSchedule {
     CosineEpoch { eta_min: f64 },
 }
 
+impl LrSchedule {
+    /// The tutorial's `eta_min` for the per-epoch cosine.
+    pub const TUTORIAL_ETA_MIN: f64 = 1e-6;
+}
+
+/// `--lr-scheduler`: the schedule families a command line can choose (floors are fixed: the
+/// tutorial's 1e-6 for the per-epoch cosine, 0 for the per-step one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LrSchedulerKind {
+    /// The tutorial's `CosineAnnealingLR(T_max = epochs, eta_min = 1e-6)`, stepped per epoch.
+    CosineEpoch,
+    /// Cosine to 0 over all optimizer steps, after the warm-up.
+    Cosine,
+    /// The base rate after the warm-up.
+    Constant,
+}
+
+impl LrSchedulerKind {
+    pub fn schedule(self) -> LrSchedule {
+        match self {
+            Self::CosineEpoch => LrSchedule::CosineEpoch {
+                eta_min: LrSchedule::TUTORIAL_ETA_MIN,
+            },
+            Self::Cosine => LrSchedule::Cosine { floor: 0.0 },
+            Self::Constant => LrSchedule::Constant,
+        }
+    }
+}
+
 /// Trainer settings. `Default` reproduces the tutorial: AdamW lr 1e-4, weight decay 1e-2,
 /// 20 epochs, batch 4, gradient accumulation 4, per-epoch cosine to 1e-6, seed 202509.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,7 +87,9 @@ impl Default for TrainConfig {
             max_steps: None,
             batch_size: 4,
             grad_accum: 4,
-            schedule: LrSchedule::CosineEpoch { eta_min: 1e-6 },
+            schedule: LrSchedule::CosineEpoch {
+                eta_min: LrSchedule::TUTORIAL_ETA_MIN,
+            },
             warmup_steps: 0,
             max_grad_norm: Some(1.0),
             min_snr_gamma: None,
@@ -70,6 +101,23 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Refuses settings no run can use, naming the field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            anyhow::bail!("batch size and gradient accumulation must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            anyhow::bail!("learning rate must be a positive number, got {}", self.lr);
+        }
+        if !(0.0..1.0).contains(&self.caption_dropout) {
+            anyhow::bail!(
+                "caption dropout is a probability in [0, 1), got {}",
+                self.caption_dropout
+            );
+        }
+        Ok(())
+    }
+
     /// Optimizer steps in one epoch of `n` examples.
     pub fn steps_per_epoch(&self, n: usize) -> usize {
         n.div_ceil(self.batch_size.max(1))

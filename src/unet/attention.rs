@@ -4,8 +4,8 @@
 use anyhow::Result;
 use candle_core::Tensor;
 
-use super::nn::LayerNorm;
 use crate::lora::LoraLinear;
+use crate::nn::LayerNorm;
 use crate::ops;
 use crate::weights::WeightSource;
 
@@ -73,6 +73,11 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, n, inner))?;
         self.to_out.forward(&out)
+    }
+
+    /// The four projections, for LoRA traversal.
+    pub fn linears(&self) -> [&LoraLinear; 4] {
+        [&self.to_q, &self.to_k, &self.to_v, &self.to_out]
     }
 
     /// The four projections, for LoRA traversal.
@@ -146,6 +151,15 @@ impl BasicTransformerBlock {
             .forward(&self.norm2.forward(&x)?, Some(context))?
             + &x)?;
         Ok((self.ff.forward(&self.norm3.forward(&x)?)? + &x)?)
+    }
+
+    /// Reads every LoRA-capable linear, in the order of [`Self::for_each_linear`].
+    pub fn visit_linears(&self, f: &mut dyn FnMut(&LoraLinear) -> Result<()>) -> Result<()> {
+        for l in self.attn1.linears().into_iter().chain(self.attn2.linears()) {
+            f(l)?;
+        }
+        f(&self.ff.proj_in)?;
+        f(&self.ff.proj_out)
     }
 
     pub fn for_each_linear(

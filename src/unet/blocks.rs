@@ -5,9 +5,9 @@
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
-use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
-use super::transformer_2d::Transformer2DModel;
+use super::transformer_2d::{Transformer2DConfig, Transformer2DModel};
 use crate::lora::LoraLinear;
+use crate::nn::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::weights::WeightSource;
 
 /// Shared hyper-parameters of the blocks at one level.
@@ -23,15 +23,15 @@ pub struct BlockSpec {
 }
 
 fn load_attn(ws: &WeightSource, i: usize, ch: usize, s: &BlockSpec) -> Result<Transformer2DModel> {
-    Transformer2DModel::load(
-        &ws.pp(format!("attentions.{i}")),
-        ch,
-        s.heads,
-        s.transformer_layers,
-        s.context_dim,
-        s.groups,
-        s.linear_projection,
-    )
+    let cfg = Transformer2DConfig {
+        channels: ch,
+        heads: s.heads,
+        layers: s.transformer_layers,
+        context_dim: s.context_dim,
+        groups: s.groups,
+        linear_projection: s.linear_projection,
+    };
+    Transformer2DModel::load(&ws.pp(format!("attentions.{i}")), &cfg)
 }
 
 #[derive(Debug, Clone)]
@@ -42,17 +42,27 @@ pub struct DownBlock {
     pub downsampler: Option<Downsample2D>,
 }
 
+/// The shape of one [`DownBlock`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DownBlockShape {
+    pub cin: usize,
+    pub cout: usize,
+    /// Resnets (and attentions, with `cross_attn`).
+    pub layers: usize,
+    pub cross_attn: bool,
+    /// The downsampler's padding; None for the last level.
+    pub downsample: Option<usize>,
+}
+
 impl DownBlock {
-    #[allow(clippy::too_many_arguments)]
-    pub fn load(
-        ws: &WeightSource,
-        cin: usize,
-        cout: usize,
-        layers: usize,
-        cross_attn: bool,
-        downsample: Option<usize>,
-        s: &BlockSpec,
-    ) -> Result<Self> {
+    pub fn load(ws: &WeightSource, shape: &DownBlockShape, s: &BlockSpec) -> Result<Self> {
+        let DownBlockShape {
+            cin,
+            cout,
+            layers,
+            cross_attn,
+            downsample,
+        } = *shape;
         let mut resnets = Vec::new();
         let mut attentions = Vec::new();
         for i in 0..layers {
@@ -147,20 +157,29 @@ pub struct UpBlock {
     pub upsampler: Option<Upsample2D>,
 }
 
+/// The shape of one [`UpBlock`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpBlockShape {
+    /// Channels of the deepest skip connection this block consumes (diffusers' `in_channels`).
+    pub skip_in: usize,
+    /// Channels coming from the block below.
+    pub prev: usize,
+    pub cout: usize,
+    pub layers: usize,
+    pub cross_attn: bool,
+    pub upsample: bool,
+}
+
 impl UpBlock {
-    /// `prev`: channels coming from the block below; `skip_in`: channels of the deepest skip
-    /// connection this block consumes (diffusers' `in_channels`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn load(
-        ws: &WeightSource,
-        skip_in: usize,
-        prev: usize,
-        cout: usize,
-        layers: usize,
-        cross_attn: bool,
-        upsample: bool,
-        s: &BlockSpec,
-    ) -> Result<Self> {
+    pub fn load(ws: &WeightSource, shape: &UpBlockShape, s: &BlockSpec) -> Result<Self> {
+        let UpBlockShape {
+            skip_in,
+            prev,
+            cout,
+            layers,
+            cross_attn,
+            upsample,
+        } = *shape;
         let mut resnets = Vec::new();
         let mut attentions = Vec::new();
         for i in 0..layers {
@@ -216,6 +235,21 @@ impl UpBlock {
         }
         Ok(h)
     }
+}
+
+/// Reads every LoRA-capable linear of a set of resnets and attentions (order of [`visit`]).
+pub(crate) fn visit_ref(
+    resnets: &[ResnetBlock2D],
+    attentions: &[Transformer2DModel],
+    f: &mut dyn FnMut(&LoraLinear) -> Result<()>,
+) -> Result<()> {
+    for p in resnets.iter().filter_map(|r| r.time_emb_proj.as_ref()) {
+        f(p)?;
+    }
+    for a in attentions {
+        a.visit_linears(f)?;
+    }
+    Ok(())
 }
 
 /// Visits every LoRA-capable linear of a set of resnets and attentions.

@@ -254,6 +254,29 @@ impl UNetConfig {
     }
 
     /// Reads a diffusers `config.json`, rejecting features this UNet does not implement.
+    /// The UNet structure of a model name ([`crate::io::ModelName`]): `sd15` (built in),
+    /// `tiny` (the shipped model's config, else [`UNetConfig::tiny`]), a diffusers folder (its
+    /// `unet/config.json` or `config.json`) or a `config.json` file. No weights are read.
+    pub fn for_model(model: &str) -> Result<Self> {
+        use crate::io::ModelName;
+        match ModelName::parse(model)? {
+            ModelName::Sd15 => Ok(Self::sd_v1_5()),
+            ModelName::Tiny => {
+                let f = crate::io::tiny_model_dir().join("unet/config.json");
+                if f.is_file() {
+                    Self::from_file(&f)
+                } else {
+                    Ok(Self::tiny())
+                }
+            }
+            ModelName::Local(p) if p.is_file() => Self::from_file(&p),
+            ModelName::Local(dir) => Self::from_file(&super::unet_dir(&dir)?.join("config.json")),
+            ModelName::Hub(repo) => bail!(
+                "`{repo}`: reading a UNet structure needs `sd15`, `tiny`, a local diffusers folder or a config.json (Hub repos are not looked up here)"
+            ),
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read UNet config {}", path.display()))?;

@@ -5,8 +5,6 @@ pub mod attention;
 pub mod blocks;
 pub mod config;
 pub mod embeddings;
-pub mod nn;
-pub mod resnet;
 pub mod transformer_2d;
 
 use anyhow::{bail, Context, Result};
@@ -16,11 +14,11 @@ use std::path::{Path, PathBuf};
 pub use config::{PerBlock, UNetConfig};
 
 use crate::lora::{LoraLinear, LoraModel};
+use crate::nn::{Conv2d, GroupNorm};
 use crate::ops;
 use crate::weights::{open_weights, ParamRecord, WeightSource};
-use blocks::{BlockSpec, DownBlock, MidBlock, UpBlock};
+use blocks::{BlockSpec, DownBlock, DownBlockShape, MidBlock, UpBlock, UpBlockShape};
 use embeddings::{timestep_features, TimestepEmbedding};
-use nn::{Conv2d, GroupNorm};
 
 /// Stable Diffusion's noise-prediction UNet.
 #[derive(Debug, Clone)]
@@ -92,15 +90,15 @@ impl UNet2DConditionModel {
             let cin = if i == 0 { ch[0] } else { ch[i - 1] };
             let cross_attn = config.down_block_types[i] == "CrossAttnDownBlock2D";
             let down = (i + 1 < n).then_some(config.downsample_padding);
-            down_blocks.push(DownBlock::load(
-                &ws.pp(format!("down_blocks.{i}")),
+            let shape = DownBlockShape {
                 cin,
-                ch[i],
-                layers[i],
+                cout: ch[i],
+                layers: layers[i],
                 cross_attn,
-                down,
-                &spec(i),
-            )?);
+                downsample: down,
+            };
+            let ws = ws.pp(format!("down_blocks.{i}"));
+            down_blocks.push(DownBlock::load(&ws, &shape, &spec(i))?);
         }
         let mid_block = MidBlock::load(
             &ws.pp("mid_block"),
@@ -116,16 +114,16 @@ impl UNet2DConditionModel {
             out_ch = ch[r];
             let skip_in = ch[r.saturating_sub(1)];
             let cross_attn = config.up_block_types[i] == "CrossAttnUpBlock2D";
-            up_blocks.push(UpBlock::load(
-                &ws.pp(format!("up_blocks.{i}")),
+            let shape = UpBlockShape {
                 skip_in,
                 prev,
-                out_ch,
-                layers[r] + 1,
+                cout: out_ch,
+                layers: layers[r] + 1,
                 cross_attn,
-                i + 1 < n,
-                &spec(r),
-            )?);
+                upsample: i + 1 < n,
+            };
+            let ws = ws.pp(format!("up_blocks.{i}"));
+            up_blocks.push(UpBlock::load(&ws, &shape, &spec(r))?);
         }
         let conv_norm_out = GroupNorm::load(
             &ws.pp("conv_norm_out"),
@@ -281,6 +279,20 @@ impl UNet2DConditionModel {
 }
 
 impl LoraModel for UNet2DConditionModel {
+    fn visit_linears(&self, f: &mut dyn FnMut(&LoraLinear) -> Result<()>) -> Result<()> {
+        f(&self.time_embedding.linear_1)?;
+        f(&self.time_embedding.linear_2)?;
+        for b in &self.down_blocks {
+            blocks::visit_ref(&b.resnets, &b.attentions, f)?;
+        }
+        let mid = &self.mid_block;
+        blocks::visit_ref(&mid.resnets, &mid.attentions, f)?;
+        for b in &self.up_blocks {
+            blocks::visit_ref(&b.resnets, &b.attentions, f)?;
+        }
+        Ok(())
+    }
+
     fn for_each_linear(&mut self, f: &mut dyn FnMut(&mut LoraLinear) -> Result<()>) -> Result<()> {
         f(&mut self.time_embedding.linear_1)?;
         f(&mut self.time_embedding.linear_2)?;

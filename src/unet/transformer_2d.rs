@@ -5,8 +5,8 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use super::attention::BasicTransformerBlock;
-use super::nn::GroupNorm;
 use crate::lora::LoraLinear;
+use crate::nn::GroupNorm;
 use crate::weights::WeightSource;
 
 /// `proj_in`/`proj_out` are 1x1 convolutions in SD 1.x (`use_linear_projection = false`) and
@@ -21,17 +21,31 @@ pub struct Transformer2DModel {
     pub proj_out: LoraLinear,
 }
 
+/// The shape of one [`Transformer2DModel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transformer2DConfig {
+    pub channels: usize,
+    pub heads: usize,
+    /// Transformer blocks in it.
+    pub layers: usize,
+    /// Width of the text states cross-attention reads.
+    pub context_dim: usize,
+    /// Group-norm groups.
+    pub groups: usize,
+    /// `proj_in`/`proj_out` as linears (SD 2.x) instead of 1x1 convolutions (SD 1.x).
+    pub linear_projection: bool,
+}
+
 impl Transformer2DModel {
-    #[allow(clippy::too_many_arguments)]
-    pub fn load(
-        ws: &WeightSource,
-        channels: usize,
-        heads: usize,
-        layers: usize,
-        context_dim: usize,
-        groups: usize,
-        linear_projection: bool,
-    ) -> Result<Self> {
+    pub fn load(ws: &WeightSource, cfg: &Transformer2DConfig) -> Result<Self> {
+        let Transformer2DConfig {
+            channels,
+            heads,
+            layers,
+            context_dim,
+            groups,
+            linear_projection,
+        } = *cfg;
         let head_dim = channels / heads;
         let inner = heads * head_dim;
         let conv = !linear_projection;
@@ -66,6 +80,15 @@ impl Transformer2DModel {
         let t = self.proj_out.forward(&t)?;
         let t = t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?;
         Ok((t + x)?)
+    }
+
+    /// Reads every LoRA-capable linear, in the order of [`Self::for_each_linear`].
+    pub fn visit_linears(&self, f: &mut dyn FnMut(&LoraLinear) -> Result<()>) -> Result<()> {
+        f(&self.proj_in)?;
+        for b in &self.transformer_blocks {
+            b.visit_linears(f)?;
+        }
+        f(&self.proj_out)
     }
 
     pub fn for_each_linear(

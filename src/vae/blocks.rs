@@ -6,9 +6,9 @@ use candle_core::Tensor;
 
 use super::config::VaeConfig;
 use crate::lora::LoraLinear;
+use crate::nn::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::nn::{Conv2d, GroupNorm};
 use crate::ops;
-use crate::unet::nn::{Conv2d, GroupNorm};
-use crate::unet::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::weights::WeightSource;
 
 const EPS: f64 = 1e-6;

@@ -11,7 +11,7 @@ use std::path::Path;
 
 pub use config::VaeConfig;
 
-use crate::unet::nn::Conv2d;
+use crate::nn::Conv2d;
 use crate::weights::{component_dir, open_weights, WeightSource};
 use blocks::{Decoder, Encoder};
 

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use candle_core::Tensor;
 
-use super::nn::{upsample_nearest, Conv2d, GroupNorm};
+use super::{upsample_nearest, Conv2d, GroupNorm};
 use crate::lora::LoraLinear;
 use crate::ops;
 use crate::weights::WeightSource;

@@ -1,12 +1,53 @@
-//! Where a Stable Diffusion pipeline comes from: a local diffusers folder, or a Hugging Face
-//! repo id resolved through `hf-hub` (its standard cache; only the files needed are fetched,
-//! and a populated cache works offline).
+//! Where a model comes from: the one place that turns a model name (`tiny`, `sd15`, a local
+//! diffusers folder, a Hugging Face repo id) into something to read. Hub repos are resolved
+//! through `hf-hub` (its standard cache; only the files needed are fetched, and a populated
+//! cache works offline).
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 /// The default model: SD 1.5 (the old `runwayml/stable-diffusion-v1-5` id is gone).
 pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
+
+/// A model as users name it, in every command and in [`resolve_model`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelName {
+    /// `tiny`: the embedded tiny Stable Diffusion ([`tiny_model_dir`]).
+    Tiny,
+    /// `sd15` (also `sd-1.5`, `sd_v1_5`): Stable Diffusion 1.5, the Hub repo [`DEFAULT_MODEL`];
+    /// commands that only need the UNet's structure use its built-in config.
+    Sd15,
+    /// A path that exists: a diffusers folder (pipeline root or a component folder), or a
+    /// `config.json` file where only a structure is needed.
+    Local(PathBuf),
+    /// `owner/name` on the Hugging Face Hub.
+    Hub(String),
+}
+
+impl ModelName {
+    /// Reads a model name; the aliases `tiny` and `sd15` win over a folder of that name.
+    pub fn parse(source: &str) -> Result<Self> {
+        match source {
+            "tiny" => return Ok(Self::Tiny),
+            "sd15" | "sd-1.5" | "sd_v1_5" => return Ok(Self::Sd15),
+            _ => {}
+        }
+        let p = Path::new(source);
+        if p.exists() {
+            return Ok(Self::Local(p.to_path_buf()));
+        }
+        let parts: Vec<&str> = source.split('/').collect();
+        if parts.len() != 2
+            || parts.iter().any(|s| s.is_empty())
+            || source.contains(char::is_whitespace)
+        {
+            bail!(
+                "model `{source}` is not `tiny`, `sd15`, an existing folder or a Hugging Face repo id (owner/name)"
+            );
+        }
+        Ok(Self::Hub(source.to_string()))
+    }
+}
 
 /// The files a pipeline needs, relative to its root (`{v}` is `.fp16` etc. or empty).
 fn needed_files(variant: Option<&str>) -> Vec<String> {
@@ -34,38 +75,34 @@ fn optional(file: &str) -> bool {
         || file == "model_index.json"
 }
 
-/// Resolves `source` to a local pipeline folder. A path that exists is used as it is; anything
-/// shaped `owner/name` is looked up in the Hub cache (`cache_dir`, else `HF_HOME`/default) and
+/// Resolves `source` ([`ModelName`]) to a local pipeline folder. A path that exists is used as
+/// it is; `sd15` and anything shaped `owner/name` are looked up in the Hub cache (`cache_dir`, else `HF_HOME`/default) and
 /// downloaded when missing, unless `HF_HUB_OFFLINE=1`.
 pub fn resolve_model(
     source: &str,
     variant: Option<&str>,
     cache_dir: Option<&Path>,
 ) -> Result<PathBuf> {
-    if source == "tiny" {
-        let dir = crate::tiny::tiny_model_dir();
-        if !dir.join("model_index.json").is_file() {
-            bail!(
-                "the embedded tiny model is missing from {} (make it with `sd-lora pretrain-tiny`)",
-                dir.display()
-            );
+    let name = ModelName::parse(source)?;
+    let source = match &name {
+        ModelName::Tiny => {
+            let dir = tiny_model_dir();
+            if !dir.join("model_index.json").is_file() {
+                bail!(
+                    "the embedded tiny model is missing from {} (make it with `sd-lora pretrain-tiny`)",
+                    dir.display()
+                );
+            }
+            return Ok(dir);
         }
-        return Ok(dir);
-    }
-    let p = Path::new(source);
-    if p.exists() {
-        if !p.is_dir() {
-            bail!(
-                "model source {} is a file; expected a diffusers pipeline folder",
-                p.display()
-            );
-        }
-        return Ok(p.to_path_buf());
-    }
-    let parts: Vec<&str> = source.split('/').collect();
-    if parts.len() != 2 || parts.iter().any(|s| s.is_empty()) {
-        bail!("model `{source}` is neither an existing folder nor a Hugging Face repo id (owner/name)");
-    }
+        ModelName::Local(p) if !p.is_dir() => bail!(
+            "model source {} is a file; expected a diffusers pipeline folder",
+            p.display()
+        ),
+        ModelName::Local(p) => return Ok(p.clone()),
+        ModelName::Sd15 => DEFAULT_MODEL,
+        ModelName::Hub(repo) => repo.as_str(),
+    };
     let cache = match cache_dir {
         Some(d) => hf_hub::Cache::new(d.to_path_buf()),
         None => hf_hub::Cache::from_env(),
@@ -117,4 +154,18 @@ pub fn resolve_model(
         }
     }
     root.with_context(|| format!("no files of {source} found"))
+}
+
+/// The shipped tiny model's folder (a diffusers pipeline layout): `$SD_LORA_TINY_MODEL` when
+/// set, else `assets/tiny-sd` of the source tree this was built from, else `assets/tiny-sd`
+/// under the current folder (a binary copied to another machine, run in a checkout).
+pub fn tiny_model_dir() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("SD_LORA_TINY_MODEL") {
+        return p.into();
+    }
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-sd");
+    if built.is_dir() {
+        return built;
+    }
+    std::path::PathBuf::from("assets/tiny-sd")
 }

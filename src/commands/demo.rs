@@ -1,19 +1,69 @@
 //! `sd-lora demo`: the tutorial's whole flow on the embedded tiny model, on the CPU, in a few
 //! minutes: base samples for fixed prompts and seeds, a LoRA fine-tune (rank 16, alpha 32 on
 //! q, k, v) on anime-look scenes, the loss curve, a before/after grid with the same seeds, both
-//! LoRA files and `summary.json` with the style scores of [`super::metrics`].
+//! LoRA files and `summary.json` with the style scores of [`crate::tiny::metrics`].
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use std::path::PathBuf;
 
-use super::metrics::{dominant_colour, mean_of, mean_style_score, style_score, StyleScore};
-use super::scenes::{scenes, write_dataset, Look, COLOURS};
+use super::args::{count, learning_rate};
 use crate::data::{CaptionSource, DataConfig, ImageFolder};
 use crate::lora::{LoraConfig, LoraFormat, LoraModel};
-use crate::pipeline::{GenerateConfig, StableDiffusion};
-use crate::train::{LatentCache, LrSchedule, TrainConfig, Trainer};
+use crate::pipeline::StableDiffusion;
+use crate::tiny::eval::{colour_match, demo_prompts, sample_seeded, stderr, vae_round_trip};
+use crate::tiny::metrics::{mean_of, mean_style_score, style_score, StyleScore};
+use crate::tiny::scenes::{scenes, write_dataset, Look};
+use crate::train::{LatentCache, LrSchedule, Progress, ProgressMode, TrainConfig, Trainer};
+
+/// `sd-lora demo`. Unset options take [`DemoConfig::default`]'s values.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Output folder.
+    #[arg(long, default_value = "runs/demo")]
+    pub out: PathBuf,
+    /// Fewer epochs for a quick look [default: 25].
+    #[arg(long, value_parser = count)]
+    pub epochs: Option<usize>,
+    /// Denoising steps per sample [default: 20].
+    #[arg(long, value_parser = count)]
+    pub sample_steps: Option<usize>,
+    /// Prompts for the before/after grid; repeat for several [default: 8 held-out scene
+    /// captions].
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// Held-out scene captions sampled before and after for the style score and colour check
+    /// (at least 2) [default: 32].
+    #[arg(long, value_parser = count)]
+    pub score_prompts: Option<usize>,
+    /// LoRA learning rate [default: 1e-3].
+    #[arg(long, value_parser = learning_rate)]
+    pub lr: Option<f64>,
+    /// Seed of the data set, LoRA init and training noise [default: 202509].
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl DemoArgs {
+    pub fn config(&self) -> DemoConfig {
+        let d = DemoConfig::default();
+        DemoConfig {
+            out: self.out.clone(),
+            epochs: self.epochs.unwrap_or(d.epochs),
+            score_prompts: self.score_prompts.unwrap_or(d.score_prompts),
+            lr: self.lr.unwrap_or(d.lr),
+            seed: self.seed.unwrap_or(d.seed),
+            sample_steps: self.sample_steps.unwrap_or(d.sample_steps),
+            prompts: if self.prompt.is_empty() {
+                d.prompts.clone()
+            } else {
+                self.prompt.clone()
+            },
+            ..d
+        }
+    }
+}
 
 /// Demo settings. `Default` is the full demo; tests shorten `epochs` and `sample_steps`.
 #[derive(Debug, Clone)]
@@ -53,7 +103,7 @@ impl Default for DemoConfig {
     fn default() -> Self {
         Self {
             out: PathBuf::from("runs/demo"),
-            model: super::tiny_model_dir(),
+            model: crate::io::tiny_model_dir(),
             images: 60,
             epochs: 25,
             lr: 1e-3,
@@ -67,11 +117,6 @@ impl Default for DemoConfig {
             seed: 202509,
         }
     }
-}
-
-/// `n` captions of held-out scenes (seed 99), e.g. "a large red circle on a sky background".
-pub fn demo_prompts(n: usize) -> Vec<String> {
-    scenes(n, 99).iter().map(|s| s.caption()).collect()
 }
 
 /// What the demo measured (`summary.json`).
@@ -110,77 +155,6 @@ pub struct DemoSummary {
     /// The grid's prompts.
     pub prompts: Vec<String>,
     pub score_prompts: usize,
-}
-
-/// The fraction of `images` whose foreground colour (see [`super::metrics::dominant_colour`]) is
-/// the colour named in the prompt beside it.
-pub fn colour_match(images: &[image::RgbImage], prompts: &[String]) -> f64 {
-    let hits = images
-        .iter()
-        .zip(prompts)
-        .filter(|(img, p)| {
-            dominant_colour(img).is_some_and(|c| p.split_whitespace().any(|w| w == COLOURS[c].0))
-        })
-        .count();
-    hits as f64 / images.len().max(1) as f64
-}
-
-/// The base-quality check: `n` held-out scene captions (scene seed `seed`), one sample each
-/// (seed = index, `steps` DDIM steps, guidance 7.5), and the fraction whose foreground colour
-/// (see [`super::metrics::dominant_colour`]) is the prompt's.
-pub fn colour_accuracy(sd: &StableDiffusion, n: usize, seed: u64, steps: usize) -> Result<f64> {
-    let prompts: Vec<String> = scenes(n, seed).iter().map(|s| s.caption()).collect();
-    let images = sample_prompts(sd, &prompts, steps)?;
-    Ok(colour_match(&images, &prompts))
-}
-
-/// Each image encoded (latent mean) and decoded by the pipeline's VAE.
-pub fn vae_round_trip(
-    sd: &StableDiffusion,
-    images: &[image::RgbImage],
-) -> Result<Vec<image::RgbImage>> {
-    images
-        .iter()
-        .map(|img| {
-            let x = crate::data::image_to_tensor(img, &sd.device)?
-                .to_dtype(sd.dtype)?
-                .unsqueeze(0)?;
-            let y = sd.vae.decode(&sd.vae.encode(&x)?.mean)?;
-            crate::data::tensor_to_image(&y.squeeze(0)?)
-        })
-        .collect()
-}
-
-/// One image per prompt, seed = prompt index.
-pub fn sample_prompts(
-    sd: &StableDiffusion,
-    prompts: &[String],
-    steps: usize,
-) -> Result<Vec<image::RgbImage>> {
-    let jobs: Vec<(String, u64)> = prompts.iter().cloned().zip(0..).collect();
-    sample_seeded(sd, &jobs, steps)
-}
-
-/// One image per (prompt, seed).
-pub fn sample_seeded(
-    sd: &StableDiffusion,
-    jobs: &[(String, u64)],
-    steps: usize,
-) -> Result<Vec<image::RgbImage>> {
-    let px = super::scenes::SIZE as usize;
-    jobs.iter()
-        .map(|(p, seed)| {
-            let imgs = sd.generate(&GenerateConfig {
-                prompt: p.clone(),
-                steps,
-                seed: *seed,
-                width: px,
-                height: px,
-                ..Default::default()
-            })?;
-            imgs.images.into_iter().next().context("no image")
-        })
-        .collect()
 }
 
 /// Runs the demo, reporting progress lines through `log`.
@@ -227,7 +201,7 @@ pub fn run_demo(cfg: &DemoConfig, log: &mut dyn FnMut(&str)) -> Result<DemoSumma
     // 2. the anime-look data set
     let data_dir = out.join("data");
     write_dataset(&data_dir, Look::Anime, cfg.images, cfg.seed)?;
-    let px = super::scenes::SIZE as usize;
+    let px = crate::tiny::scenes::SIZE as usize;
     let data = ImageFolder::load(
         &data_dir,
         &DataConfig {
@@ -266,25 +240,11 @@ pub fn run_demo(cfg: &DemoConfig, log: &mut dyn FnMut(&str)) -> Result<DemoSumma
         ..Default::default()
     };
     let mut trainer = Trainer::new(&sd, tcfg)?;
-    let total = trainer.config.total_steps(cache.len());
     let t0 = std::time::Instant::now();
-    trainer.train(&sd, &cache, &mut |r| {
-        let rate = r.step as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        let width = 30;
-        let done = width * r.step / total.max(1);
-        log(&format!(
-            "\r[{}{}] step {}/{total} epoch {} loss {:.4} lr {:.1e} {:.1} it/s ETA {:.0} s",
-            "#".repeat(done),
-            ".".repeat(width - done),
-            r.step,
-            r.epoch + 1,
-            r.loss,
-            r.lr,
-            rate,
-            (total - r.step) as f64 / rate.max(1e-9)
-        ));
-    })?;
-    log("\n");
+    {
+        let mut progress = Progress::new("", ProgressMode::for_stderr(), |s: &str| log(s));
+        trainer.train_with(&sd, &cache, &mut [&mut progress])?;
+    }
     let seconds_training = t0.elapsed().as_secs_f64();
     // 4. after: the same prompts and seeds
     let after_all = sample_seeded(&sd, &jobs, cfg.sample_steps)?;
@@ -362,15 +322,4 @@ pub fn run_demo(cfg: &DemoConfig, log: &mut dyn FnMut(&str)) -> Result<DemoSumma
     )
     .with_context(|| format!("cannot write {}", out.join("summary.json").display()))?;
     Ok(result)
-}
-
-/// Standard error of the mean of `v` (0 for fewer than two values).
-fn stderr(v: &[f64]) -> f64 {
-    let n = v.len() as f64;
-    if v.len() < 2 {
-        return 0.0;
-    }
-    let mean = v.iter().sum::<f64>() / n;
-    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
-    (var / n).sqrt()
 }

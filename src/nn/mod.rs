@@ -1,7 +1,11 @@
-//! Small frozen building blocks shared by the UNet modules: convolution and group norm.
+//! Layers shared by the UNet, the VAE and the CLIP text encoder (diffusers keeps the same ones
+//! in `models/resnet.py` and `models/normalization.py`): frozen convolution, group and layer
+//! norm, nearest upsampling, and the resnet blocks with their down/upsamplers.
 
 use anyhow::Result;
 use candle_core::Tensor;
+
+pub mod resnet;
 
 use crate::ops;
 use crate::weights::{Init, WeightSource};

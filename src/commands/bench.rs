@@ -6,12 +6,73 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
+use rand_chacha::ChaCha12Rng;
 use std::time::Instant;
 
+use super::args::{count, ModelArgs};
+use crate::device::peak_rss_mib;
 use crate::lora::{LoraConfig, LoraModel};
 use crate::pipeline::{GenerateConfig, StableDiffusion};
-use crate::train::AdamW;
-use crate::unet::UNet2DConditionModel;
+use crate::train::{Objective, TrainConfig, Trainer};
+use crate::unet::{UNet2DConditionModel, UNetConfig};
+
+/// What `sd-lora bench` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchKind {
+    /// One LoRA training step (forward, MSE, backward, clipping, AdamW) through the engine.
+    Train,
+    /// A 20-step text-to-image generation with guidance, text encoding and VAE decoding.
+    Generate,
+}
+
+/// `sd-lora bench`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(mut_arg("model", |a| a.default_value("tiny")
+    .help("tiny, sd15, a UNet config.json or a diffusers folder (random weights unless a full pipeline folder for `generate`)")))]
+pub struct BenchArgs {
+    /// What to time.
+    #[arg(value_enum)]
+    pub what: BenchKind,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Latent side; pixels = latent x the VAE factor.
+    #[arg(long, default_value_t = BenchConfig::default().latent, value_parser = count)]
+    pub latent: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = BenchConfig::default().batch, value_parser = count)]
+    pub batch: usize,
+    /// Timed steps after one warm-up.
+    #[arg(long, default_value_t = BenchConfig::default().steps, value_parser = count)]
+    pub steps: usize,
+    /// Print one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    /// Attention score bytes materialised at once, MiB (default 4 on the CPU, 256 on GPUs;
+    /// larger layers run in query chunks). A huge value keeps every score matrix whole.
+    #[arg(long, value_parser = count)]
+    pub attention_chunk_mib: Option<usize>,
+}
+
+/// Runs the benchmark `a` describes (sets the attention chunk size first when given).
+pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
+    if let Some(mib) = a.attention_chunk_mib {
+        crate::ops::set_attention_chunk_bytes(mib.saturating_mul(1 << 20));
+    }
+    let (device, dtype) = a.model.resolve()?;
+    let cfg = BenchConfig {
+        model: a.model.model.clone(),
+        latent: a.latent,
+        batch: a.batch,
+        steps: a.steps,
+        warmup: 1,
+        device,
+        dtype,
+    };
+    match a.what {
+        BenchKind::Train => bench_train(&cfg),
+        BenchKind::Generate => bench_generate(&cfg),
+    }
+}
 
 /// What to measure. CLI defaults: 32x32 latents, batch 1, 5 timed steps after 1 warm-up.
 #[derive(Debug, Clone)]
@@ -94,33 +155,6 @@ impl std::fmt::Display for BenchReport {
     }
 }
 
-/// The process's peak resident set size in MiB (Linux `VmHWM`), if known.
-pub fn peak_rss_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-/// Resets the peak resident set size (`VmHWM`) to the current one (Linux: writes 5 to
-/// `/proc/self/clear_refs`), so that [`peak_rss_mib`] measures the peak of what runs next.
-/// First hands freed heap memory back to the system (glibc `malloc_trim`): otherwise memory
-/// that an earlier run freed but the allocator kept would count towards the next run's peak.
-/// Returns false where the kernel does not allow the reset.
-pub fn reset_peak_rss() -> bool {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        extern "C" {
-            fn malloc_trim(pad: usize) -> i32;
-        }
-        // SAFETY: glibc's malloc_trim only releases free memory; it takes no pointers.
-        unsafe {
-            malloc_trim(0);
-        }
-    }
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
 fn timed(cfg: &BenchConfig, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
     if cfg.steps == 0 {
         bail!("--steps must be at least 1");
@@ -138,30 +172,55 @@ fn timed(cfg: &BenchConfig, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f
     Ok((t[t.len() / 2], t[0], t[t.len() - 1]))
 }
 
-/// LoRA rank 16 / alpha 32 on q,k,v (the tutorial's); AdamW lr 1e-4, weight decay 1e-2;
-/// 77 text tokens; uniform random timesteps.
+/// The benchmark's loss: fixed random latents, text states, noise and timesteps.
+struct FixedBatch<'a> {
+    unet: &'a UNet2DConditionModel,
+    x: Tensor,
+    e: Tensor,
+    noise: Tensor,
+    t: Tensor,
+}
+
+impl Objective for FixedBatch<'_> {
+    fn len(&self) -> usize {
+        self.x.dim(0).unwrap_or(0)
+    }
+
+    fn loss(&self, _: &[usize], _: &mut ChaCha12Rng) -> Result<Tensor> {
+        let pred = self
+            .unet
+            .forward(&self.x, &self.t, &self.e)?
+            .to_dtype(DType::F32)?;
+        Ok((pred - &self.noise)?.sqr()?.mean_all()?)
+    }
+}
+
+/// LoRA rank 16 / alpha 32 on q,k,v (the tutorial's); one optimizer step of the training
+/// engine (gradient clipping at 1, AdamW lr 1e-4, weight decay 1e-2); 77 text tokens; uniform
+/// random timesteps.
 pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
     let (dev, dt) = (&cfg.device, cfg.dtype);
-    let ucfg = crate::cli::unet_config(&cfg.model)?;
+    let ucfg = UNetConfig::for_model(&cfg.model)?;
     let mut unet = UNet2DConditionModel::random(&ucfg, 0, dt, dev)?;
     let summary = unet.inject_lora(&LoraConfig::new(16, 32.0), &VarMap::new())?;
-    let mut opt = AdamW::new(unet.lora_vars()?, (0.9, 0.999), 1e-8, 1e-2)?;
+    let tcfg = TrainConfig {
+        lr: 1e-4,
+        schedule: crate::train::LrSchedule::Constant,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::for_vars(tcfg, unet.lora_vars()?)?;
     let ctx = ucfg.cross_dims()?[0];
     let (b, l) = (cfg.batch, cfg.latent);
-    let x = Tensor::randn(0f32, 1.0, (b, 4, l, l), dev)?.to_dtype(dt)?;
-    let e = Tensor::randn(0f32, 1.0, (b, 77, ctx), dev)?.to_dtype(dt)?;
-    let noise = Tensor::randn(0f32, 1.0, (b, 4, l, l), dev)?;
-    let t = Tensor::rand(0f32, 1000.0, b, dev)?.floor()?;
+    let objective = FixedBatch {
+        unet: &unet,
+        x: Tensor::randn(0f32, 1.0, (b, 4, l, l), dev)?.to_dtype(dt)?,
+        e: Tensor::randn(0f32, 1.0, (b, 77, ctx), dev)?.to_dtype(dt)?,
+        noise: Tensor::randn(0f32, 1.0, (b, 4, l, l), dev)?,
+        t: Tensor::rand(0f32, 1000.0, b, dev)?.floor()?,
+    };
+    let group = vec![(0..b).collect::<Vec<_>>()];
     let (median_s, min_s, max_s) = timed(cfg, || {
-        let pred = unet.forward(&x, &t, &e)?.to_dtype(DType::F32)?;
-        let loss = (pred - &noise)?.sqr()?.mean_all()?;
-        let grads = loss.backward()?;
-        let g: Vec<Tensor> = opt
-            .vars
-            .iter()
-            .map(|(n, v)| grads.get(v.as_tensor()).cloned().context(n.clone()))
-            .collect::<Result<_>>()?;
-        opt.step(&g, 1e-4)?;
+        trainer.optimizer_step(&objective, &group, usize::MAX)?;
         crate::device::synchronize(dev)
     })?;
     Ok(BenchReport {
@@ -195,7 +254,6 @@ fn device_name(d: &Device) -> String {
 /// `batch` images, text encoding and VAE decoding included.
 pub fn bench_generate(cfg: &BenchConfig) -> Result<BenchReport> {
     use crate::text::ClipTextConfig;
-    use crate::unet::UNetConfig;
     use crate::vae::VaeConfig;
     let dev = &cfg.device;
     let random = |u: UNetConfig, v: VaeConfig, t: ClipTextConfig| -> Result<StableDiffusion> {
@@ -211,18 +269,22 @@ pub fn bench_generate(cfg: &BenchConfig) -> Result<BenchReport> {
         let _ = std::fs::remove_dir_all(&tok);
         sd
     };
-    let sd = match cfg.model.as_str() {
-        "tiny" => random(
+    use crate::io::ModelName;
+    let sd = match ModelName::parse(&cfg.model)? {
+        ModelName::Tiny => random(
             UNetConfig::tiny(),
             VaeConfig::tiny(),
             ClipTextConfig::tiny(),
         )?,
-        "sd15" | "sd-1.5" | "sd_v1_5" => random(
+        ModelName::Sd15 => random(
             UNetConfig::sd_v1_5(),
             VaeConfig::sd_v1_5(),
             ClipTextConfig::sd_v1_5(),
         )?,
-        dir => StableDiffusion::from_folder(std::path::Path::new(dir), None, cfg.dtype, dev)?,
+        ModelName::Local(dir) => StableDiffusion::from_folder(&dir, None, cfg.dtype, dev)?,
+        ModelName::Hub(repo) => {
+            bail!("bench generate: `{repo}`: give tiny, sd15 or a local pipeline folder")
+        }
     };
     let px = cfg.latent * sd.vae_scale_factor();
     let gen = GenerateConfig {

@@ -1,0 +1,213 @@
+//! Command-line pieces shared by several subcommands: the model quartet ([`ModelArgs`]), closed
+//! sets as `ValueEnum`s, and value parsers that refuse out-of-range numbers with the range.
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+
+/// Which model, in which precision, where. Flattened into `generate`, `train`, `unet-forward`
+/// and `bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// `sd15` (Stable Diffusion 1.5 from the Hugging Face cache), `tiny` (the embedded model),
+    /// a diffusers folder, or a Hugging Face repo id (owner/name).
+    #[arg(long, default_value = "sd15")]
+    pub model: String,
+    /// Weights variant, e.g. `fp16` reads `*.fp16.safetensors`.
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Compute dtype of the frozen weights and activations (auto = f32 on the CPU, bf16 on
+    /// GPUs). LoRA weights, optimizer state and the loss are f32 always.
+    #[arg(long, value_enum, default_value_t = ComputeDType::Auto)]
+    pub dtype: ComputeDType,
+    /// Where to run: cpu, cuda, cuda:N, or auto (the GPU when this build has CUDA and there is
+    /// one).
+    #[arg(long, default_value = "auto", value_parser = parse_device_spec)]
+    pub device: DeviceSpec,
+}
+
+impl ModelArgs {
+    /// Opens the device and settles the dtype (bf16 is refused on the CPU).
+    pub fn resolve(&self) -> Result<(Device, DType)> {
+        let device = self.device.open()?;
+        let dtype = self.dtype.resolve(&device)?;
+        Ok((device, dtype))
+    }
+}
+
+impl Default for ModelArgs {
+    fn default() -> Self {
+        Self {
+            model: "sd15".into(),
+            variant: None,
+            dtype: ComputeDType::Auto,
+            device: DeviceSpec::Auto,
+        }
+    }
+}
+
+/// A model's structure only (no weights): what LoRA module names resolve against.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StructureArgs {
+    /// UNet structure: `sd15`, `tiny`, a diffusers folder (pipeline root or its unet/) or a
+    /// UNet `config.json`.
+    #[arg(long, default_value = "sd15")]
+    pub model: String,
+}
+
+/// `--dtype`: a compute precision, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ComputeDType {
+    /// f32 on the CPU, bf16 on GPUs.
+    Auto,
+    #[value(alias = "fp32")]
+    F32,
+    #[value(alias = "fp16")]
+    F16,
+    /// GPU only (candle has no bf16 matmul on the CPU).
+    Bf16,
+}
+
+impl ComputeDType {
+    pub fn resolve(self, device: &Device) -> Result<DType> {
+        let dtype = match self {
+            Self::Auto => crate::device::default_dtype(device),
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        };
+        crate::device::check_dtype(dtype, device)?;
+        Ok(dtype)
+    }
+}
+
+/// `--save-dtype`: the precision of written LoRA files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SaveDType {
+    #[value(alias = "fp32")]
+    F32,
+    /// Half the size; what most shared SD 1.5 LoRAs use.
+    #[value(alias = "fp16")]
+    F16,
+    Bf16,
+}
+
+impl From<SaveDType> for DType {
+    fn from(d: SaveDType) -> DType {
+        match d {
+            SaveDType::F32 => DType::F32,
+            SaveDType::F16 => DType::F16,
+            SaveDType::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// `--device`: parsed at once, opened when the command runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+    Auto,
+}
+
+impl DeviceSpec {
+    pub fn open(self) -> Result<Device> {
+        crate::device::parse_device(&match self {
+            Self::Cpu => "cpu".to_string(),
+            Self::Cuda(n) => format!("cuda:{n}"),
+            Self::Auto => "auto".to_string(),
+        })
+    }
+}
+
+fn parse_device_spec(s: &str) -> Result<DeviceSpec, String> {
+    match s {
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "auto" => Ok(DeviceSpec::Auto),
+        "cuda" => Ok(DeviceSpec::Cuda(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceSpec::Cuda)
+            .ok_or_else(|| format!("`{other}`: expected cpu, cuda, cuda:N or auto")),
+    }
+}
+
+/// `--resolution`: `512` (square) or `WIDTHxHEIGHT`, multiples of 8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolution {
+    pub width: usize,
+    pub height: usize,
+}
+
+impl std::str::FromStr for Resolution {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parse = |v: &str| {
+            v.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0 && n.is_multiple_of(8))
+                .ok_or_else(|| format!("`{s}`: expected a multiple of 8 such as 512 or 640x480"))
+        };
+        let (width, height) = match s.split_once(['x', 'X']) {
+            Some((w, h)) => (parse(w)?, parse(h)?),
+            None => parse(s).map(|n| (n, n))?,
+        };
+        Ok(Self { width, height })
+    }
+}
+
+impl std::fmt::Display for Resolution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.width == self.height {
+            write!(f, "{}", self.width)
+        } else {
+            write!(f, "{}x{}", self.width, self.height)
+        }
+    }
+}
+
+/// A count of at least 1 (`--rank`, `--batch-size`, `--steps`, ...).
+pub fn count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}`: expected a whole number, at least 1")),
+    }
+}
+
+/// A learning rate: a finite number > 0.
+pub fn learning_rate(s: &str) -> Result<f64, String> {
+    positive(s).map_err(|_| format!("`{s}`: the learning rate must be a number > 0"))
+}
+
+/// A finite number > 0 (learning rates).
+pub fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("`{s}`: expected a number > 0")),
+    }
+}
+
+/// A finite number >= 0 (weight decay, noise offset, min-SNR gamma).
+pub fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("`{s}`: expected a number >= 0")),
+    }
+}
+
+/// A probability in [0, 1) (caption dropout).
+pub fn probability(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}`: expected a probability in [0, 1)")),
+    }
+}
+
+/// Any finite number (LoRA strengths may be negative or above 1).
+pub fn finite(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(format!("`{s}`: expected a finite number")),
+    }
+}

@@ -1,0 +1,46 @@
+//! `sd-lora convert`: any readable LoRA file to kohya or PEFT/diffusers layout, in f32, f16 or
+//! bf16.
+
+use anyhow::Result;
+use candle_core::DType;
+use candle_nn::VarMap;
+use std::path::PathBuf;
+
+use super::args::{SaveDType, StructureArgs};
+use crate::lora::{LoraFile, LoraFormat, LoraModel};
+use crate::unet::{UNet2DConditionModel, UNetConfig};
+
+/// `sd-lora convert`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConvertArgs {
+    /// The LoRA file to read (PEFT/diffusers, kohya/A1111/ComfyUI or old diffusers).
+    pub input: PathBuf,
+    /// The layout to write.
+    #[arg(long, value_enum)]
+    pub to: LoraFormat,
+    /// Output .safetensors.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub structure: StructureArgs,
+    /// Precision of the written tensors.
+    #[arg(long, value_enum, default_value_t = SaveDType::F32)]
+    pub save_dtype: SaveDType,
+}
+
+/// Reads `a.input` against the model structure, writes `a.out`; returns a one-line report.
+pub fn convert(a: &ConvertArgs) -> Result<String> {
+    let mut unet = UNet2DConditionModel::meta(&UNetConfig::for_model(&a.structure.model)?)?;
+    let file = LoraFile::read(&a.input, &unet.linear_names()?)?;
+    let s = unet.apply_lora_file(&file, &VarMap::new())?;
+    let dtype: DType = a.save_dtype.into();
+    let layers = unet.linears()?;
+    crate::lora::io::save_lora_as(&layers, a.to, dtype, &a.out, &Default::default())?;
+    Ok(format!(
+        "wrote {} ({:?}, {dtype:?}, {} layers, {} parameters)",
+        a.out.display(),
+        a.to,
+        s.lora_layers,
+        s.trainable_params
+    ))
+}

@@ -1,0 +1,193 @@
+//! The `sd-lora` subcommands, one module per family. Each is a typed `clap::Args` struct
+//! (defaults taken from the library's configs, so `--help` shows them) and a function over it
+//! that returns what the command prints; notebooks and tests call the same functions. The
+//! binary (`src/bin/sd-lora.rs`) only parses and prints. This is the top layer: nothing else in
+//! the crate imports it.
+
+pub mod args;
+pub mod bench;
+pub mod convert;
+pub mod data;
+pub mod demo;
+pub mod forward;
+pub mod generate;
+pub mod inspect;
+pub mod plot;
+pub mod pretrain;
+pub mod train;
+
+use clap::{Parser, Subcommand};
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sd-lora",
+    version,
+    about = "LoRA fine-tuning of Stable Diffusion in Rust"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Injects LoRA into a UNet (built from its config only, no weights) and prints the summary.
+    InspectModel(inspect::InspectModelArgs),
+    /// Runs a diffusers-layout UNet on tensors from a safetensors file.
+    UnetForward(forward::UnetForwardArgs),
+    /// Generates images with a Stable Diffusion pipeline (optionally with LoRA files).
+    Generate(generate::GenerateArgs),
+    /// Trains a LoRA on an image folder.
+    Train(train::TrainArgs),
+    /// Describes a LoRA file: format, layers, rank, alpha, targets, parameters, metadata.
+    InspectLora(inspect::InspectLoraArgs),
+    /// Converts a LoRA file between formats (kohya <-> peft/diffusers).
+    Convert(convert::ConvertArgs),
+    /// Writes synthetic captioned 64x64 scenes (PNG + .txt sidecar) in the base or anime look.
+    MakeData(data::MakeDataArgs),
+    /// Pre-trains the embedded tiny Stable Diffusion (VAE, then UNet), resumable; writes a
+    /// diffusers folder.
+    PretrainTiny(pretrain::PretrainArgs),
+    /// The tutorial's whole flow on the embedded tiny model (CPU, a few minutes): base samples,
+    /// LoRA fine-tune on anime-look scenes, loss curve, before/after grid, summary.json.
+    Demo(demo::DemoArgs),
+    /// Draws loss curves from run folders (metrics.csv): one run with LR and epochs, or several
+    /// overlaid.
+    Plot(plot::PlotArgs),
+    /// Times a LoRA training step (`train`) or a 20-step generation (`generate`).
+    Bench(bench::BenchArgs),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks, and the CLI promises: every flag has help text, every
+    /// closed set lists its values.
+    #[test]
+    fn every_flag_has_help_and_closed_sets_list_their_values() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        let mut checked = 0;
+        for sub in cli.get_subcommands() {
+            assert!(
+                sub.get_about().is_some(),
+                "{} has no description",
+                sub.get_name()
+            );
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(
+                    arg.get_help().is_some(),
+                    "{} --{id} has no help text",
+                    sub.get_name()
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 80, "only {checked} flags seen");
+        let help = Cli::command()
+            .find_subcommand_mut("train")
+            .expect("train")
+            .render_long_help()
+            .to_string();
+        for shown in [
+            "possible values: auto, f32, f16, bf16",
+            "cosine-epoch",
+            "[default: 0.0001]",
+            "[default: 16]",
+        ] {
+            assert!(
+                help.contains(shown),
+                "train --help lacks `{shown}`:\n{help}"
+            );
+        }
+    }
+
+    /// Out-of-range numbers are refused by the parser with the allowed range.
+    #[test]
+    fn bad_numbers_are_refused_with_the_range() {
+        for (args, needle) in [
+            (
+                vec!["train", "--data", "d", "--out", "o", "--lr", "-1"],
+                "learning rate must be a number > 0",
+            ),
+            (
+                vec!["train", "--data", "d", "--out", "o", "--rank", "0"],
+                "at least 1",
+            ),
+            (
+                vec![
+                    "train",
+                    "--data",
+                    "d",
+                    "--out",
+                    "o",
+                    "--caption-dropout",
+                    "1",
+                ],
+                "[0, 1)",
+            ),
+            (
+                vec![
+                    "generate",
+                    "--prompt",
+                    "p",
+                    "--out",
+                    "o",
+                    "--scheduler",
+                    "euler",
+                ],
+                "euler-a",
+            ),
+            (
+                vec!["bench", "train", "--device", "tpu"],
+                "cpu, cuda, cuda:N or auto",
+            ),
+        ] {
+            let e = Cli::try_parse_from(std::iter::once("sd-lora").chain(args.iter().copied()))
+                .expect_err(needle)
+                .to_string();
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
+    }
+
+    /// Old spellings keep working.
+    #[test]
+    fn old_spellings_parse() {
+        for args in [
+            vec![
+                "generate",
+                "--prompt",
+                "p",
+                "--out",
+                "o",
+                "--scheduler",
+                "euler_a",
+                "--dtype",
+                "fp32",
+            ],
+            vec![
+                "convert",
+                "x",
+                "--to",
+                "diffusers",
+                "--out",
+                "y",
+                "--save-dtype",
+                "fp16",
+            ],
+            vec!["make-data", "--style", "photo", "--out", "d"],
+            vec!["bench", "generate", "--device", "cuda:1"],
+        ] {
+            Cli::try_parse_from(std::iter::once("sd-lora").chain(args.iter().copied()))
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+    }
+}

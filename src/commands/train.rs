@@ -1,0 +1,400 @@
+//! `sd-lora train`: a LoRA from an image folder, into a run folder: `lora.safetensors` (kohya,
+//! with `ss_*` metadata), `lora_peft.safetensors`, `checkpoints/`, `metrics.csv`, `loss.svg`,
+//! `anatomy.svg`, `spectrum.svg`, `samples/`. Resumable (`--resume`), also after `kill -9`.
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarMap;
+use std::path::PathBuf;
+
+use super::args::{count, learning_rate, non_negative, positive, probability, ModelArgs};
+use super::args::{Resolution, SaveDType};
+use crate::data::{CaptionSource, DataConfig, ImageFolder};
+use crate::lora::io::{save_lora_as, KohyaTrainingMetadata};
+use crate::lora::{LoraConfig, LoraFormat, LoraModel};
+use crate::pipeline::{GenerateConfig, LoadOptions, StableDiffusion};
+use crate::train::{checkpoint, Checkpoints, LatentCache, LrSchedulerKind, MetricsCsv};
+use crate::train::{Progress, StepHook, StepRecord, TrainConfig, Trainer};
+
+/// `sd-lora train`. Every default is the library's ([`TrainConfig`], [`LoraConfig`],
+/// [`DataConfig`]), so `--help` shows what a notebook gets too.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image folder (png, jpg, jpeg, webp).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Run folder: lora.safetensors (kohya), lora_peft.safetensors, checkpoints/, metrics.csv.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// LoRA rank r.
+    #[arg(long, default_value_t = LoraConfig::default().rank, value_parser = count)]
+    pub rank: usize,
+    /// LoRA alpha (the update is scaled by alpha / rank) [default: 2 x rank].
+    #[arg(long, value_parser = positive)]
+    pub alpha: Option<f64>,
+    /// Comma-separated module targets (`to_q,to_k,to_v`; shorthands attn, ff, all).
+    #[arg(long, default_value = "to_q,to_k,to_v")]
+    pub targets: String,
+    /// Passes over the data set.
+    #[arg(long, default_value_t = TrainConfig::default().epochs, value_parser = count)]
+    pub epochs: usize,
+    /// Train this many optimizer steps instead of --epochs.
+    #[arg(long, value_parser = count)]
+    pub max_steps: Option<usize>,
+    /// Images per micro-batch.
+    #[arg(long, default_value_t = TrainConfig::default().batch_size, value_parser = count)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (gradients averaged).
+    #[arg(long, default_value_t = TrainConfig::default().grad_accum, value_parser = count)]
+    pub grad_accum: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = TrainConfig::default().lr, value_parser = learning_rate)]
+    pub lr: f64,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = TrainConfig::default().weight_decay, value_parser = non_negative)]
+    pub weight_decay: f64,
+    /// Learning-rate schedule.
+    #[arg(long, value_enum, default_value_t = LrSchedulerKind::CosineEpoch)]
+    pub lr_scheduler: LrSchedulerKind,
+    /// Linear warm-up over this many optimizer steps.
+    #[arg(long, default_value_t = TrainConfig::default().warmup_steps)]
+    pub warmup_steps: usize,
+    /// Training resolution in pixels: `512` (square) or `WIDTHxHEIGHT` (multiples of 8).
+    #[arg(long, default_value = "512")]
+    pub resolution: Resolution,
+    /// Also read images in sub-folders.
+    #[arg(long)]
+    pub recursive: bool,
+    /// Captions: `empty`, `sidecar` (<image>.txt), `sidecar:FALLBACK`, or a fixed caption text.
+    #[arg(long, default_value = "empty")]
+    pub caption: String,
+    /// Seed of the LoRA initialisation, shuffling, noise and timesteps.
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    pub seed: u64,
+    /// Checkpoint every N optimizer steps (and always at the end) [default: only at the end].
+    #[arg(long, value_parser = count)]
+    pub save_every: Option<usize>,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Do not train on horizontally flipped copies (flips are on by default, p = 0.5).
+    #[arg(long)]
+    pub no_flip: bool,
+    /// Skip unreadable images with a warning instead of stopping.
+    #[arg(long)]
+    pub skip_bad_images: bool,
+    /// Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is common) [default: off].
+    #[arg(long, value_parser = positive)]
+    pub min_snr_gamma: Option<f64>,
+    /// Noise offset: adds offset x N(0, 1) per sample and channel to the noise.
+    #[arg(long, default_value_t = TrainConfig::default().noise_offset, value_parser = non_negative)]
+    pub noise_offset: f64,
+    /// Train this fraction of examples on the empty caption (teaches the unconditional
+    /// prediction that guidance uses; 0.1 is common for training from scratch).
+    #[arg(long, default_value_t = TrainConfig::default().caption_dropout, value_parser = probability)]
+    pub caption_dropout: f64,
+    /// Write sample images to RUN_DIR/samples every N optimizer steps (and at the end).
+    #[arg(long, value_parser = count, requires = "sample_prompt")]
+    pub sample_every: Option<usize>,
+    /// Prompt for the samples; repeat for several (each gets its own fixed seed).
+    #[arg(long)]
+    pub sample_prompt: Vec<String>,
+    /// Denoising steps per sample.
+    #[arg(long, default_value_t = 20, value_parser = count)]
+    pub sample_steps: usize,
+    /// Precision of the saved LoRA files.
+    #[arg(long, value_enum, default_value_t = SaveDType::F32)]
+    pub save_dtype: SaveDType,
+    /// Do not keep the VAE latents / text embeddings in RUN_DIR/cache.
+    #[arg(long)]
+    pub no_disk_cache: bool,
+}
+
+/// Everything `sd-lora train` needs, as library configs (what a notebook would build).
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub model: String,
+    pub variant: Option<String>,
+    /// Where to train, and the dtype of the frozen weights (LoRA and optimizer state are f32).
+    pub device: Device,
+    pub dtype: DType,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub lora: LoraConfig,
+    pub data_config: DataConfig,
+    pub train: TrainConfig,
+    /// Checkpoint every N optimizer steps (and always at the end).
+    pub save_every: Option<usize>,
+    pub resume: bool,
+    /// Sample images during training (None = off).
+    pub samples: Option<SampleOptions>,
+    /// Precision of the LoRA files (F32, F16 or BF16).
+    pub save_dtype: DType,
+    /// Keep latents and text embeddings in `RUN_DIR/cache/` for the next run.
+    pub disk_cache: bool,
+}
+
+/// Samples during training: every `every` optimizer steps and at the end, one image per prompt
+/// (seed = its index, so the same prompt always starts from the same noise), DDIM, guidance
+/// 7.5, at the training resolution, to `RUN_DIR/samples/step-NNNNNN-<prompt index>.png`.
+#[derive(Debug, Clone)]
+pub struct SampleOptions {
+    pub every: usize,
+    pub prompts: Vec<String>,
+    /// Denoising steps per sample. CLI default 20.
+    pub steps: usize,
+}
+
+impl TrainArgs {
+    /// The library configs these flags describe (opens the device).
+    pub fn options(&self) -> Result<TrainOptions> {
+        let (device, dtype) = self.model.resolve()?;
+        let alpha = self.alpha.unwrap_or(LoraConfig::default_alpha(self.rank));
+        Ok(TrainOptions {
+            model: self.model.model.clone(),
+            variant: self.model.variant.clone(),
+            device,
+            dtype,
+            data: self.data.clone(),
+            out: self.out.clone(),
+            lora: LoraConfig::new(self.rank, alpha)
+                .with_targets(&LoraConfig::parse_targets(&self.targets))
+                .with_seed(self.seed),
+            data_config: DataConfig {
+                width: self.resolution.width,
+                height: self.resolution.height,
+                flip: !self.no_flip,
+                captions: CaptionSource::parse(&self.caption),
+                recursive: self.recursive,
+                skip_bad_images: self.skip_bad_images,
+            },
+            train: TrainConfig {
+                lr: self.lr,
+                weight_decay: self.weight_decay,
+                epochs: self.epochs,
+                max_steps: self.max_steps,
+                batch_size: self.batch_size,
+                grad_accum: self.grad_accum,
+                schedule: self.lr_scheduler.schedule(),
+                warmup_steps: self.warmup_steps,
+                min_snr_gamma: self.min_snr_gamma,
+                noise_offset: self.noise_offset,
+                caption_dropout: self.caption_dropout,
+                seed: self.seed,
+                ..Default::default()
+            },
+            save_every: self.save_every,
+            resume: self.resume,
+            samples: self.sample_every.map(|every| SampleOptions {
+                every,
+                prompts: self.sample_prompt.clone(),
+                steps: self.sample_steps,
+            }),
+            save_dtype: self.save_dtype.into(),
+            disk_cache: !self.no_disk_cache,
+        })
+    }
+}
+
+/// Trains a LoRA and writes the run folder. Returns a one-line summary.
+pub fn train(opts: &TrainOptions) -> Result<String> {
+    if let Some(s) = &opts.samples {
+        anyhow::ensure!(
+            !s.prompts.is_empty() && s.every > 0,
+            "--sample-every needs N >= 1 and at least one --sample-prompt"
+        );
+    }
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("cannot create run folder {}", opts.out.display()))?;
+    let data = load_data(opts)?;
+    let mut sd = StableDiffusion::load_with(&LoadOptions {
+        source: opts.model.clone(),
+        variant: opts.variant.clone(),
+        dtype: opts.dtype,
+        device: opts.device.clone(),
+        cache_dir: None,
+    })?;
+    eprintln!("{}", sd.unet.inject_lora(&opts.lora, &VarMap::new())?);
+    let cache = build_cache(opts, &sd, &data)?;
+    let mut trainer = Trainer::new(&sd, opts.train.clone())?;
+    let ckpt_dir = opts.out.join("checkpoints");
+    if opts.resume {
+        resume(opts, &mut trainer, &ckpt_dir)?;
+    }
+    let total = trainer.config.total_steps(data.len());
+    let mut checkpoints = Checkpoints::new(ckpt_dir, opts.save_every.unwrap_or(total.max(1)));
+    let mut metrics = MetricsCsv::create(opts.out.join("metrics.csv"), &trainer.history)?;
+    let mut samples = Samples { opts, sd: &sd };
+    if trainer.step == 0 {
+        samples.write(0).context("writing the step-0 samples")?;
+    }
+    let mut progress = Progress::stderr("");
+    trainer.train_with(
+        &sd,
+        &cache,
+        &mut [&mut metrics, &mut progress, &mut samples, &mut checkpoints],
+    )?;
+    write_outputs(opts, &sd, &trainer, data.len(), total)?;
+    let last = trainer.history.last().map_or(f64::NAN, |r| r.loss);
+    Ok(format!(
+        "trained {} steps on {} images; last loss {last:.4}; wrote {}/lora.safetensors and lora_peft.safetensors",
+        trainer.step,
+        data.len(),
+        opts.out.display()
+    ))
+}
+
+fn load_data(opts: &TrainOptions) -> Result<ImageFolder> {
+    let data = ImageFolder::load(&opts.data, &opts.data_config)?;
+    for w in &data.warnings {
+        eprintln!("warning: {w}");
+    }
+    if data.len() < opts.train.batch_size {
+        eprintln!(
+            "warning: {} images for a batch size of {}: every batch is the whole (smaller) set",
+            data.len(),
+            opts.train.batch_size
+        );
+    }
+    Ok(data)
+}
+
+fn build_cache(
+    opts: &TrainOptions,
+    sd: &StableDiffusion,
+    data: &ImageFolder,
+) -> Result<LatentCache> {
+    let (w, h) = (opts.data_config.width, opts.data_config.height);
+    let file = opts.out.join(format!("cache/latents-{w}x{h}.safetensors"));
+    let on_disk = opts.disk_cache.then_some(file.as_path());
+    let (cache, stats) = LatentCache::build_cached(sd, data, opts.data_config.flip, on_disk)?;
+    for w in &stats.warnings {
+        eprintln!("warning: {w}");
+    }
+    eprintln!(
+        "latent cache: {} images encoded, {} from {}, {} captions encoded",
+        stats.images_encoded,
+        stats.images_reused,
+        if opts.disk_cache {
+            file.display().to_string()
+        } else {
+            "disk (off)".into()
+        },
+        stats.texts_encoded
+    );
+    Ok(cache)
+}
+
+/// Continues from the newest checkpoint (after clearing what killed writes left behind).
+fn resume(opts: &TrainOptions, trainer: &mut Trainer, ckpt_dir: &std::path::Path) -> Result<()> {
+    for d in [&opts.out, ckpt_dir, &opts.out.join("cache")] {
+        checkpoint::remove_stale_temp_files(d)?;
+    }
+    match checkpoint::latest(ckpt_dir)? {
+        Some(p) => {
+            trainer.load_checkpoint(&p)?;
+            // the command line may extend the run
+            trainer.config.max_steps = opts.train.max_steps.or(trainer.config.max_steps);
+            trainer.config.epochs = opts.train.epochs;
+            eprintln!("resumed from {} (step {})", p.display(), trainer.step);
+        }
+        None => eprintln!("no checkpoint in {}: starting fresh", ckpt_dir.display()),
+    }
+    Ok(())
+}
+
+/// The sampling hook: every `every` steps and at the last one (a failure is a warning).
+struct Samples<'a> {
+    opts: &'a TrainOptions,
+    sd: &'a StableDiffusion,
+}
+
+impl Samples<'_> {
+    fn write(&self, step: usize) -> Result<()> {
+        let Some(s) = &self.opts.samples else {
+            return Ok(());
+        };
+        for (i, prompt) in s.prompts.iter().enumerate() {
+            let images = self.sd.generate(&GenerateConfig {
+                prompt: prompt.clone(),
+                steps: s.steps,
+                seed: i as u64,
+                width: self.opts.data_config.width,
+                height: self.opts.data_config.height,
+                ..Default::default()
+            })?;
+            let name = format!("step-{step:06}-{i}.png");
+            images.save(self.opts.out.join("samples").join(name))?;
+        }
+        Ok(())
+    }
+}
+
+impl StepHook for Samples<'_> {
+    fn after_step(&mut self, _: &Trainer, r: &StepRecord, total: usize) -> Result<()> {
+        let every = self.opts.samples.as_ref().map_or(0, |s| s.every);
+        if every > 0 && (r.step.is_multiple_of(every) || r.step == total) {
+            if let Err(e) = self.write(r.step) {
+                eprintln!("\nwarning: samples at step {} failed: {e:#}", r.step);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Loss curve, LoRA anatomy and both LoRA files (kohya with `ss_*` metadata, PEFT).
+fn write_outputs(
+    opts: &TrainOptions,
+    sd: &StableDiffusion,
+    trainer: &Trainer,
+    images: usize,
+    total: usize,
+) -> Result<()> {
+    let out = &opts.out;
+    if !trainer.history.is_empty() {
+        let fig = crate::plot::loss_curve(&trainer.history)?;
+        fig.save(out.join("loss.svg"))?;
+        fig.save(out.join("loss.png"))?;
+    }
+    let anatomy = crate::plot::LoraAnatomy::of(&sd.unet)?;
+    anatomy.heatmap()?.save(out.join("anatomy.svg"))?;
+    anatomy
+        .spectrum(&format!("rank {}", opts.lora.rank))?
+        .save(out.join("spectrum.svg"))?;
+    let c = &trainer.config;
+    let meta = KohyaTrainingMetadata {
+        learning_rate: c.lr,
+        num_epochs: c.epochs,
+        max_train_steps: total,
+        train_batch_size: c.batch_size,
+        gradient_accumulation_steps: c.grad_accum,
+        lr_scheduler: format!("{:?}", c.schedule),
+        lr_warmup_steps: c.warmup_steps,
+        seed: c.seed,
+        num_train_images: images,
+        resolution: (opts.data_config.width, opts.data_config.height),
+        min_snr_gamma: c.min_snr_gamma,
+        noise_offset: c.noise_offset,
+        caption_dropout_rate: c.caption_dropout,
+        save_precision: opts.save_dtype,
+    };
+    let layers = sd.unet.linears()?;
+    let kohya = out.join("lora.safetensors");
+    save_lora_as(
+        &layers,
+        LoraFormat::Kohya,
+        opts.save_dtype,
+        kohya,
+        &meta.to_metadata(),
+    )?;
+    let peft = out.join("lora_peft.safetensors");
+    save_lora_as(
+        &layers,
+        LoraFormat::Peft,
+        opts.save_dtype,
+        peft,
+        &Default::default(),
+    )
+}

@@ -1,0 +1,119 @@
+//! What the engine minimises. An [`Objective`] turns a batch of example indices into a scalar
+//! loss; the engine ([`super::Trainer::run`]) does the rest (epochs, accumulation, clipping,
+//! AdamW, schedule, hooks). [`Denoising`] is Stable Diffusion's noise-prediction loss over a
+//! [`LatentCache`]; `sd-lora pretrain-tiny` brings its own for the VAE.
+
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use rand::Rng;
+use rand_chacha::ChaCha12Rng;
+
+use super::{LatentCache, TrainConfig};
+use crate::pipeline::StableDiffusion;
+use crate::scheduler::{Scheduler, SchedulerKind};
+use crate::weights::randn_from;
+
+/// A loss over a fixed set of examples, indexed `0..len()`.
+pub trait Objective {
+    /// Number of examples; the engine shuffles `0..len()` once per epoch.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The (differentiable, scalar) loss of examples `batch`, drawing any randomness from
+    /// `rng`, the trainer's own stream (checkpointed, so a resumed run draws the same numbers).
+    fn loss(&self, batch: &[usize], rng: &mut ChaCha12Rng) -> Result<Tensor>;
+}
+
+/// The denoising loss of `sd.unet` on cached latents and text embeddings: a random flip, a
+/// latent sample from the VAE posterior, noise (with the configured offset), a uniform random
+/// timestep, the scheduler's training target (epsilon or v), MSE (min-SNR weighted when
+/// configured), with caption dropout.
+pub struct Denoising<'a> {
+    pub sd: &'a StableDiffusion,
+    pub cache: &'a LatentCache,
+    pub noise: Scheduler,
+    pub caption_dropout: f64,
+    pub noise_offset: f64,
+    pub min_snr_gamma: Option<f64>,
+}
+
+impl<'a> Denoising<'a> {
+    pub fn new(sd: &'a StableDiffusion, cache: &'a LatentCache, cfg: &TrainConfig) -> Result<Self> {
+        Ok(Self {
+            sd,
+            cache,
+            noise: Scheduler::new(SchedulerKind::Ddpm, &sd.scheduler_config, 1)?,
+            caption_dropout: cfg.caption_dropout,
+            noise_offset: cfg.noise_offset,
+            min_snr_gamma: cfg.min_snr_gamma,
+        })
+    }
+
+    /// [`Objective::loss`] with any random source.
+    pub fn loss_with<R: Rng>(&self, idx: &[usize], rng: &mut R) -> Result<Tensor> {
+        let (sd, cache) = (self.sd, self.cache);
+        let dev = &sd.device;
+        let mut z = Vec::new();
+        let mut ctx = Vec::new();
+        for &i in idx {
+            let use_flip = !cache.flipped.is_empty() && rng.random_bool(0.5);
+            let (m, lv) = if use_flip {
+                &cache.flipped[i]
+            } else {
+                &cache.latents[i]
+            };
+            let eps = randn_from(rng, m.dims(), dev)?;
+            z.push((m + (lv.affine(0.5, 0.0)?.exp()? * eps)?)?);
+            // drawn only when enabled, so runs without dropout keep their random stream
+            let drop = self.caption_dropout > 0.0 && rng.random_bool(self.caption_dropout.min(1.0));
+            let c = if drop {
+                &cache.empty
+            } else {
+                &cache.embeddings[i]
+            };
+            ctx.push(c.clone());
+        }
+        let x0 = sd.vae.scale_latents(&Tensor::stack(&z, 0)?)?;
+        let ctx = Tensor::stack(&ctx, 0)?;
+        let b = idx.len();
+        let mut noise = randn_from(rng, x0.dims(), dev)?;
+        if self.noise_offset != 0.0 {
+            let off = randn_from(rng, &[b, x0.dim(1)?, 1, 1], dev)?;
+            noise = noise.broadcast_add(&(off * self.noise_offset)?)?;
+        }
+        let n_train = sd.scheduler_config.num_train_timesteps;
+        let t: Vec<u32> = (0..b)
+            .map(|_| rng.random_range(0..n_train as u32))
+            .collect();
+        let tt = Tensor::new(t.clone(), dev)?;
+        let noisy = self.noise.add_noise(&x0, &noise, &tt)?;
+        let target = self.noise.training_target(&x0, &noise, &tt)?;
+        let pred = sd.unet.forward(&noisy, &tt, &ctx)?.to_dtype(DType::F32)?;
+        let per_sample = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+        let Some(gamma) = self.min_snr_gamma else {
+            return Ok(per_sample.mean_all()?);
+        };
+        let ac = self.noise.alphas_cumprod();
+        let v_pred = sd.scheduler_config.prediction_type == "v_prediction";
+        let w: Vec<f32> = t
+            .iter()
+            .map(|&t| {
+                let a = ac[t as usize];
+                let snr = a / (1.0 - a);
+                (snr.min(gamma) / if v_pred { snr + 1.0 } else { snr }) as f32
+            })
+            .collect();
+        Ok((per_sample * Tensor::new(w, dev)?)?.mean_all()?)
+    }
+}
+
+impl Objective for Denoising<'_> {
+    fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    fn loss(&self, batch: &[usize], rng: &mut ChaCha12Rng) -> Result<Tensor> {
+        self.loss_with(batch, rng)
+    }
+}

@@ -1,0 +1,126 @@
+//! One optimizer step of the engine, and the epoch plan it walks: shuffled example order,
+//! batches, groups of `grad_accum` micro-batches (a partial group at the end of an epoch still
+//! makes a step, averaged over what it has, never carried into the next epoch).
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, Var};
+use rand::Rng;
+use std::time::Instant;
+
+use super::{Objective, StepRecord, Trainer};
+
+/// The gradient of `loss` for each of `vars`, in order; fails naming a variable no gradient
+/// reached (a layer cut off from the loss, or an op without a backward pass).
+pub fn grads_of(loss: &Tensor, vars: &[(String, Var)]) -> Result<Vec<Tensor>> {
+    let grads = loss.backward()?;
+    vars.iter()
+        .map(|(name, v)| {
+            grads
+                .get(v.as_tensor())
+                .cloned()
+                .with_context(|| format!("no gradient reached {name}"))
+        })
+        .collect()
+}
+
+/// The global L2 norm of `grads`.
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    Ok(grads
+        .iter()
+        .map(|g| g.sqr()?.sum_all()?.to_scalar::<f32>())
+        .sum::<candle_core::Result<f32>>()?
+        .sqrt() as f64)
+}
+
+impl Trainer {
+    /// This epoch's groups of micro-batches: the stored order when resuming mid-epoch, else a
+    /// fresh shuffle (Fisher-Yates from the trainer's RNG).
+    pub(crate) fn epoch_plan(&mut self, n: usize) -> Vec<Vec<Vec<usize>>> {
+        let order = match &self.epoch_order {
+            Some(o) if o.len() == n => o.clone(),
+            _ => {
+                let mut order: Vec<usize> = (0..n).collect();
+                for i in (1..n).rev() {
+                    order.swap(i, self.rng.random_range(0..=i));
+                }
+                self.epoch_order = Some(order.clone());
+                self.group_pos = 0;
+                order
+            }
+        };
+        let batches: Vec<Vec<usize>> = order
+            .chunks(self.config.batch_size)
+            .map(|c| c.to_vec())
+            .collect();
+        batches
+            .chunks(self.config.grad_accum)
+            .map(|g| g.to_vec())
+            .collect()
+    }
+
+    /// Forward and backward over each micro-batch of `group`, gradients averaged, clipped to
+    /// `max_grad_norm`, one AdamW update at the scheduled rate; records and returns the step.
+    pub(crate) fn optimizer_step(
+        &mut self,
+        objective: &dyn Objective,
+        group: &[Vec<usize>],
+        total: usize,
+    ) -> Result<StepRecord> {
+        let started = Instant::now();
+        let lr = self.config.lr_at(self.step, self.epoch, total);
+        let mut sum: Option<Vec<Tensor>> = None;
+        let mut loss_sum = 0.0;
+        let mut rng = self.rng.clone();
+        for batch in group {
+            let loss = objective.loss(batch, &mut rng)?;
+            let lv = loss.to_scalar::<f32>()? as f64;
+            if !lv.is_finite() {
+                bail!(
+                    "loss became {lv} at step {} (epoch {}): training stopped; try a lower learning rate (now {lr:.2e})",
+                    self.step + 1,
+                    self.epoch
+                );
+            }
+            loss_sum += lv;
+            let g = grads_of(&loss, &self.optimizer.vars)?;
+            sum = Some(match sum {
+                None => g,
+                Some(s) => s
+                    .iter()
+                    .zip(&g)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+        }
+        self.rng = rng;
+        let k = group.len() as f64;
+        let mut grads: Vec<Tensor> = sum
+            .context("empty step")?
+            .iter()
+            .map(|g| g / k)
+            .collect::<candle_core::Result<_>>()?;
+        let norm = global_norm(&grads)?;
+        if let Some(max) = self.config.max_grad_norm {
+            if norm > max {
+                let s = max / (norm + 1e-6);
+                grads = grads
+                    .iter()
+                    .map(|g| g * s)
+                    .collect::<candle_core::Result<_>>()?;
+            }
+        }
+        self.optimizer.step(&grads, lr)?;
+        self.step += 1;
+        self.group_pos += 1;
+        let rec = StepRecord {
+            step: self.step,
+            epoch: self.epoch,
+            loss: loss_sum / k,
+            lr,
+            grad_norm: norm,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        self.history.push(rec);
+        Ok(rec)
+    }
+}
