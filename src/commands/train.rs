@@ -56,7 +56,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = TrainConfig::default().weight_decay, value_parser = non_negative)]
     pub weight_decay: f64,
     /// Learning-rate schedule.
-    #[arg(long, value_enum, default_value_t = LrSchedulerKind::CosineEpoch)]
+    #[arg(long, value_enum, default_value_t = LrSchedulerKind::of(&TrainConfig::default().schedule))]
     pub lr_scheduler: LrSchedulerKind,
     /// Linear warm-up over this many optimizer steps.
     #[arg(long, default_value_t = TrainConfig::default().warmup_steps)]
@@ -67,9 +67,10 @@ pub struct TrainArgs {
     /// Also read images in sub-folders.
     #[arg(long)]
     pub recursive: bool,
-    /// Captions: `empty`, `sidecar` (<image>.txt), `sidecar:FALLBACK`, or a fixed caption text.
-    #[arg(long, default_value = "empty")]
-    pub caption: String,
+    /// Captions: `empty`, `sidecar` (<image>.txt), `sidecar:FALLBACK` (the text for images
+    /// without one), or any other text as the caption of every image.
+    #[arg(long, default_value = "empty", value_parser = caption_source)]
+    pub caption: CaptionSource,
     /// Seed of the LoRA initialisation, shuffling, noise and timesteps.
     #[arg(long, default_value_t = TrainConfig::default().seed)]
     pub seed: u64,
@@ -110,6 +111,10 @@ pub struct TrainArgs {
     /// Do not keep the VAE latents / text embeddings in RUN_DIR/cache.
     #[arg(long)]
     pub no_disk_cache: bool,
+}
+
+fn caption_source(s: &str) -> Result<CaptionSource, std::convert::Infallible> {
+    Ok(CaptionSource::parse(s))
 }
 
 /// Everything `sd-lora train` needs, as library configs (what a notebook would build).
@@ -166,7 +171,7 @@ impl TrainArgs {
                 width: self.resolution.width,
                 height: self.resolution.height,
                 flip: !self.no_flip,
-                captions: CaptionSource::parse(&self.caption),
+                captions: self.caption.clone(),
                 recursive: self.recursive,
                 skip_bad_images: self.skip_bad_images,
             },

@@ -31,6 +31,16 @@ pub enum LrSchedulerKind {
 }
 
 impl LrSchedulerKind {
+    /// The family of `schedule`.
+    pub const fn of(schedule: &LrSchedule) -> Self {
+        match schedule {
+            LrSchedule::CosineEpoch { .. } => Self::CosineEpoch,
+            LrSchedule::Cosine { .. } => Self::Cosine,
+            LrSchedule::Constant => Self::Constant,
+        }
+    }
+
+    /// The schedule of this family with the command line's fixed floor.
     pub fn schedule(self) -> LrSchedule {
         match self {
             Self::CosineEpoch => LrSchedule::CosineEpoch {
