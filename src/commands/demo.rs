@@ -38,7 +38,7 @@ pub struct DemoArgs {
     #[arg(long, value_parser = count)]
     pub score_prompts: Option<usize>,
     /// LoRA learning rate [default: 1e-3].
-    #[arg(long, value_parser = learning_rate)]
+    #[arg(long, value_parser = learning_rate, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Seed of the data set, LoRA init and training noise [default: 202509].
     #[arg(long)]

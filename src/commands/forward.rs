@@ -28,7 +28,7 @@ pub struct UnetForwardArgs {
     #[arg(long)]
     pub lora: Option<PathBuf>,
     /// Strength of the LoRA (0 = base model, 1 = as trained).
-    #[arg(long, default_value_t = 1.0, value_parser = super::args::finite)]
+    #[arg(long, default_value_t = 1.0, value_parser = super::args::finite, allow_negative_numbers = true)]
     pub lora_scale: f64,
 }
 

@@ -26,7 +26,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = GenerateConfig::default().steps, value_parser = count)]
     pub steps: usize,
     /// Classifier-free guidance scale (<= 1 disables guidance).
-    #[arg(long, default_value_t = GenerateConfig::default().guidance, value_parser = finite)]
+    #[arg(long, default_value_t = GenerateConfig::default().guidance, value_parser = finite, allow_negative_numbers = true)]
     pub guidance: f64,
     /// Sampler.
     #[arg(long, value_enum, default_value_t = GenerateConfig::default().scheduler)]
@@ -47,11 +47,11 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub lora: Vec<PathBuf>,
     /// Strength of each --lora in order (0 = off; missing ones are 1.0).
-    #[arg(long, value_parser = finite)]
+    #[arg(long, value_parser = finite, allow_negative_numbers = true)]
     pub lora_scale: Vec<f64>,
     /// Comma-separated strengths (e.g. 0,0.5,1): renders the same seeds at each strength of the
     /// LoRA(s) and writes one grid to --out (a row per strength, a column per image).
-    #[arg(long, value_delimiter = ',', value_parser = finite)]
+    #[arg(long, value_delimiter = ',', value_parser = finite, allow_negative_numbers = true)]
     pub strengths: Vec<f64>,
     /// Fold the LoRA(s) into the weights (faster sampling).
     #[arg(long)]

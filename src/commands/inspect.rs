@@ -18,7 +18,7 @@ pub struct InspectModelArgs {
     #[arg(long, default_value_t = LoraConfig::default().rank, value_parser = count)]
     pub rank: usize,
     /// LoRA alpha (the update is scaled by alpha / rank) [default: 2 x rank].
-    #[arg(long, value_parser = super::args::positive)]
+    #[arg(long, value_parser = super::args::positive, allow_negative_numbers = true)]
     pub alpha: Option<f64>,
     /// Comma-separated module targets (`to_q,to_k,to_v`; shorthands attn, ff, all).
     #[arg(long, default_value = "to_q,to_k,to_v")]

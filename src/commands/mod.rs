@@ -92,20 +92,27 @@ mod tests {
             }
         }
         assert!(checked > 80, "only {checked} flags seen");
-        let help = Cli::command()
-            .find_subcommand_mut("train")
-            .expect("train")
-            .render_long_help()
-            .to_string();
+        let mut cli = Cli::command();
+        let train = cli.find_subcommand_mut("train").expect("train");
+        let short = train.render_help().to_string();
+        let long = train.render_long_help().to_string();
         for shown in [
-            "possible values: auto, f32, f16, bf16",
-            "cosine-epoch",
+            "[possible values: auto, f32, f16, bf16]",
+            "[possible values: cosine-epoch, cosine, constant]",
+            "[possible values: f32, f16, bf16]",
             "[default: 0.0001]",
             "[default: 16]",
         ] {
+            assert!(short.contains(shown), "train -h lacks `{shown}`:\n{short}");
+        }
+        for shown in [
+            "Possible values:",
+            "- cosine-epoch: The tutorial's",
+            "[default: 0.0001]",
+        ] {
             assert!(
-                help.contains(shown),
-                "train --help lacks `{shown}`:\n{help}"
+                long.contains(shown),
+                "train --help lacks `{shown}`:\n{long}"
             );
         }
     }

@@ -32,7 +32,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = LoraConfig::default().rank, value_parser = count)]
     pub rank: usize,
     /// LoRA alpha (the update is scaled by alpha / rank) [default: 2 x rank].
-    #[arg(long, value_parser = positive)]
+    #[arg(long, value_parser = positive, allow_negative_numbers = true)]
     pub alpha: Option<f64>,
     /// Comma-separated module targets (`to_q,to_k,to_v`; shorthands attn, ff, all).
     #[arg(long, default_value = "to_q,to_k,to_v")]
@@ -50,10 +50,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = TrainConfig::default().grad_accum, value_parser = count)]
     pub grad_accum: usize,
     /// AdamW learning rate.
-    #[arg(long, default_value_t = TrainConfig::default().lr, value_parser = learning_rate)]
+    #[arg(long, default_value_t = TrainConfig::default().lr, value_parser = learning_rate, allow_negative_numbers = true)]
     pub lr: f64,
     /// AdamW decoupled weight decay.
-    #[arg(long, default_value_t = TrainConfig::default().weight_decay, value_parser = non_negative)]
+    #[arg(long, default_value_t = TrainConfig::default().weight_decay, value_parser = non_negative, allow_negative_numbers = true)]
     pub weight_decay: f64,
     /// Learning-rate schedule.
     #[arg(long, value_enum, default_value_t = LrSchedulerKind::of(&TrainConfig::default().schedule))]
@@ -87,14 +87,14 @@ pub struct TrainArgs {
     #[arg(long)]
     pub skip_bad_images: bool,
     /// Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is common) [default: off].
-    #[arg(long, value_parser = positive)]
+    #[arg(long, value_parser = positive, allow_negative_numbers = true)]
     pub min_snr_gamma: Option<f64>,
     /// Noise offset: adds offset x N(0, 1) per sample and channel to the noise.
-    #[arg(long, default_value_t = TrainConfig::default().noise_offset, value_parser = non_negative)]
+    #[arg(long, default_value_t = TrainConfig::default().noise_offset, value_parser = non_negative, allow_negative_numbers = true)]
     pub noise_offset: f64,
     /// Train this fraction of examples on the empty caption (teaches the unconditional
     /// prediction that guidance uses; 0.1 is common for training from scratch).
-    #[arg(long, default_value_t = TrainConfig::default().caption_dropout, value_parser = probability)]
+    #[arg(long, default_value_t = TrainConfig::default().caption_dropout, value_parser = probability, allow_negative_numbers = true)]
     pub caption_dropout: f64,
     /// Write sample images to RUN_DIR/samples every N optimizer steps (and at the end).
     #[arg(long, value_parser = count, requires = "sample_prompt")]
