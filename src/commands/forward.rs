@@ -18,7 +18,7 @@ use crate::unet::UNet2DConditionModel;
 pub struct UnetForwardArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// safetensors with `sample` [B,4,H,W], `timestep` [B] and `encoder_hidden_states` [B,T,C].
+    /// safetensors with `sample` `[B,4,H,W]`, `timestep` `[B]` and `encoder_hidden_states` `[B,T,C]`.
     #[arg(long)]
     pub inputs: PathBuf,
     /// Output safetensors; gets tensor `sample` (f32).

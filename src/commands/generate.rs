@@ -59,7 +59,7 @@ pub struct GenerateArgs {
     /// safetensors with tensor `latents` [N, 4, H/f, W/f] used instead of seeded noise.
     #[arg(long)]
     pub latents: Option<PathBuf>,
-    /// Output PNG; several images become <stem>-0.png, <stem>-1.png, ...
+    /// Output PNG; several images become `<stem>-0.png`, `<stem>-1.png`, ...
     #[arg(long)]
     pub out: PathBuf,
 }

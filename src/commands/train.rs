@@ -67,7 +67,7 @@ pub struct TrainArgs {
     /// Also read images in sub-folders.
     #[arg(long)]
     pub recursive: bool,
-    /// Captions: `empty`, `sidecar` (<image>.txt), `sidecar:FALLBACK` (the text for images
+    /// Captions: `empty`, `sidecar` (`<image>.txt`), `sidecar:FALLBACK` (the text for images
     /// without one), or any other text as the caption of every image.
     #[arg(long, default_value = "empty", value_parser = caption_source)]
     pub caption: CaptionSource,
