@@ -117,84 +117,41 @@ mod tests {
         }
     }
 
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("sd-lora").chain(args.split_whitespace()))
+    }
+
     /// Out-of-range numbers are refused by the parser with the allowed range.
     #[test]
     fn bad_numbers_are_refused_with_the_range() {
         for (args, needle) in [
             (
-                vec!["train", "--data", "d", "--out", "o", "--lr", "-1"],
+                "train --data d --out o --lr -1",
                 "learning rate must be a number > 0",
             ),
-            (
-                vec!["train", "--data", "d", "--out", "o", "--rank", "0"],
-                "at least 1",
-            ),
-            (
-                vec![
-                    "train",
-                    "--data",
-                    "d",
-                    "--out",
-                    "o",
-                    "--caption-dropout",
-                    "1",
-                ],
-                "[0, 1)",
-            ),
-            (
-                vec![
-                    "generate",
-                    "--prompt",
-                    "p",
-                    "--out",
-                    "o",
-                    "--scheduler",
-                    "euler",
-                ],
-                "euler-a",
-            ),
-            (
-                vec!["bench", "train", "--device", "tpu"],
-                "cpu, cuda, cuda:N or auto",
-            ),
+            ("train --data d --out o --rank 0", "at least 1"),
+            ("train --data d --out o --caption-dropout 1", "[0, 1)"),
+            ("generate --prompt p --out o --scheduler euler", "euler-a"),
+            ("generate --prompt p --out o --lora-scale inf", "finite"),
+            ("bench train --device tpu", "cpu, cuda, cuda:N or auto"),
         ] {
-            let e = Cli::try_parse_from(std::iter::once("sd-lora").chain(args.iter().copied()))
-                .expect_err(needle)
-                .to_string();
-            assert!(e.contains(needle), "{args:?}: {e}");
+            let e = parse(args).expect_err(args).to_string();
+            assert!(e.contains(needle), "{args}: {e}");
         }
+        // negative strengths are numbers, not flags
+        parse("generate --prompt p --out o --lora x --lora-scale -0.5").unwrap();
     }
 
     /// Old spellings keep working.
     #[test]
     fn old_spellings_parse() {
         for args in [
-            vec![
-                "generate",
-                "--prompt",
-                "p",
-                "--out",
-                "o",
-                "--scheduler",
-                "euler_a",
-                "--dtype",
-                "fp32",
-            ],
-            vec![
-                "convert",
-                "x",
-                "--to",
-                "diffusers",
-                "--out",
-                "y",
-                "--save-dtype",
-                "fp16",
-            ],
-            vec!["make-data", "--style", "photo", "--out", "d"],
-            vec!["bench", "generate", "--device", "cuda:1"],
+            "generate --prompt p --out o --scheduler euler_a --dtype fp32",
+            "convert x --to diffusers --out y --save-dtype fp16",
+            "make-data --style photo --out d",
+            "bench generate --device cuda:1",
         ] {
-            Cli::try_parse_from(std::iter::once("sd-lora").chain(args.iter().copied()))
-                .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            parse(args).unwrap_or_else(|e| panic!("{args}: {e}"));
         }
     }
 }
