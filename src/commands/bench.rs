@@ -67,6 +67,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         warmup: 1,
         device,
         dtype,
+        variant: a.model.variant.clone(),
     };
     match a.what {
         BenchKind::Train => bench_train(&cfg),
@@ -90,6 +91,9 @@ pub struct BenchConfig {
     pub device: Device,
     /// Frozen weights and activations; LoRA, optimizer state and loss stay f32. Default f32.
     pub dtype: DType,
+    /// Weights variant of a pipeline folder (`generate` only; the training step uses random
+    /// weights). Default none.
+    pub variant: Option<String>,
 }
 
 impl Default for BenchConfig {
@@ -102,6 +106,7 @@ impl Default for BenchConfig {
             warmup: 1,
             device: Device::Cpu,
             dtype: DType::F32,
+            variant: None,
         }
     }
 }
@@ -200,6 +205,9 @@ impl Objective for FixedBatch<'_> {
 /// random timesteps.
 pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
     let (dev, dt) = (&cfg.device, cfg.dtype);
+    if let Some(v) = &cfg.variant {
+        bail!("--variant {v}: the training benchmark uses random weights (variants apply to `bench generate` with a pipeline folder)");
+    }
     let ucfg = UNetConfig::for_model(&cfg.model)?;
     let mut unet = UNet2DConditionModel::random(&ucfg, 0, dt, dev)?;
     let summary = unet.inject_lora(&LoraConfig::new(16, 32.0), &VarMap::new())?;
@@ -270,6 +278,13 @@ pub fn bench_generate(cfg: &BenchConfig) -> Result<BenchReport> {
         sd
     };
     use crate::io::ModelName;
+    let random_weights = !matches!(ModelName::parse(&cfg.model)?, ModelName::Local(_));
+    if let (Some(v), true) = (&cfg.variant, random_weights) {
+        bail!(
+            "--variant {v}: `{}` runs on random weights; variants apply to a pipeline folder",
+            cfg.model
+        );
+    }
     let sd = match ModelName::parse(&cfg.model)? {
         ModelName::Tiny => random(
             UNetConfig::tiny(),
@@ -281,7 +296,9 @@ pub fn bench_generate(cfg: &BenchConfig) -> Result<BenchReport> {
             VaeConfig::sd_v1_5(),
             ClipTextConfig::sd_v1_5(),
         )?,
-        ModelName::Local(dir) => StableDiffusion::from_folder(&dir, None, cfg.dtype, dev)?,
+        ModelName::Local(dir) => {
+            StableDiffusion::from_folder(&dir, cfg.variant.as_deref(), cfg.dtype, dev)?
+        }
         ModelName::Hub(repo) => {
             bail!("bench generate: `{repo}`: give tiny, sd15 or a local pipeline folder")
         }

@@ -58,6 +58,12 @@ pub fn unet_forward(a: &UnetForwardArgs) -> Result<String> {
     let dir = crate::io::resolve_model(&a.model.model, a.model.variant.as_deref(), None)?;
     let mut unet = UNet2DConditionModel::load(&dir, a.model.variant.as_deref(), dtype, &device)?;
     let mut note = String::new();
+    if a.lora.is_none() && a.lora_scale != 1.0 {
+        eprintln!(
+            "warning: --lora-scale {} without --lora has no effect",
+            a.lora_scale
+        );
+    }
     if let Some(path) = &a.lora {
         let file = LoraFile::read(path, &unet.linear_names()?)?;
         let s = unet.apply_lora_file(&file, &VarMap::new())?;

@@ -110,9 +110,17 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<PathBuf>> {
             .get("latents")
             .with_context(|| format!("{} has no tensor `latents`", p.display()))?
             .to_dtype(DType::F32)?;
-        cfg.num_images = l
+        let n = l
             .dim(0)
             .with_context(|| format!("`latents` in {} must be [N, C, h, w]", p.display()))?;
+        if a.num_images != 1 && a.num_images != n {
+            bail!(
+                "--num-images {} but {} holds latents for {n} images",
+                a.num_images,
+                p.display()
+            );
+        }
+        cfg.num_images = n;
         cfg.latents = Some(l);
     }
     let mut sd = StableDiffusion::load_with(&LoadOptions {
@@ -155,8 +163,12 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<PathBuf>> {
         );
         return Ok(vec![a.out.clone()]);
     }
-    if a.merge && !a.lora.is_empty() {
-        sd.unet.merge_lora()?;
+    if a.merge {
+        if a.lora.is_empty() {
+            eprintln!("warning: --merge without --lora: nothing to merge");
+        } else {
+            sd.unet.merge_lora()?;
+        }
     }
     let started = std::time::Instant::now();
     let images = sd.generate_with_progress(&cfg, &mut |i, n| {

@@ -134,12 +134,26 @@ mod tests {
             ("generate --prompt p --out o --scheduler euler", "euler-a"),
             ("generate --prompt p --out o --lora-scale inf", "finite"),
             ("bench train --device tpu", "cpu, cuda, cuda:N or auto"),
+            ("train --data d --out o --sample-prompt p", "--sample-every"),
         ] {
             let e = parse(args).expect_err(args).to_string();
             assert!(e.contains(needle), "{args}: {e}");
         }
         // negative strengths are numbers, not flags
         parse("generate --prompt p --out o --lora x --lora-scale -0.5").unwrap();
+    }
+
+    /// A flag a command cannot use is an error, not silently dropped.
+    #[test]
+    fn bench_train_refuses_a_variant() {
+        let Command::Bench(a) = parse("bench train --variant fp16").unwrap().command else {
+            panic!("not bench");
+        };
+        let e = bench::bench(&a).unwrap_err().to_string();
+        assert!(
+            e.contains("--variant fp16") && e.contains("random weights"),
+            "{e}"
+        );
     }
 
     /// Old spellings keep working.

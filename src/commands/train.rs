@@ -100,10 +100,10 @@ pub struct TrainArgs {
     #[arg(long, value_parser = count, requires = "sample_prompt")]
     pub sample_every: Option<usize>,
     /// Prompt for the samples; repeat for several (each gets its own fixed seed).
-    #[arg(long)]
+    #[arg(long, requires = "sample_every")]
     pub sample_prompt: Vec<String>,
     /// Denoising steps per sample.
-    #[arg(long, default_value_t = 20, value_parser = count)]
+    #[arg(long, default_value_t = 20, value_parser = count, requires = "sample_every")]
     pub sample_steps: usize,
     /// Precision of the saved LoRA files.
     #[arg(long, value_enum, default_value_t = SaveDType::F32)]
