@@ -3,26 +3,55 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
+/// A device as named on the command line: parsed at once, opened when the work starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    /// `cuda` (= `cuda:0`) or `cuda:N`.
+    Cuda(usize),
+    /// The first CUDA GPU when this build has CUDA support and one is present, else the CPU.
+    Auto,
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "cpu" => Self::Cpu,
+            "auto" => Self::Auto,
+            "cuda" => Self::Cuda(0),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .map(Self::Cuda)
+                .with_context(|| format!("unknown device `{other}` (cpu, cuda, cuda:N or auto)"))?,
+        })
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device; a CUDA device in a build without CUDA support is a clear error.
+    pub fn open(self) -> Result<Device> {
+        let ordinal = match self {
+            Self::Cpu => return Ok(Device::Cpu),
+            Self::Auto => return Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+            Self::Cuda(n) => n,
+        };
+        if !candle_core::utils::cuda_is_available() {
+            bail!(
+                "device `cuda:{ordinal}`: this build of sd-lora has no CUDA support; rebuild with \
+                 `cargo build --release --features cuda` (see environment.md)"
+            );
+        }
+        Device::new_cuda(ordinal)
+            .with_context(|| format!("device `cuda:{ordinal}`: cannot open CUDA GPU {ordinal}"))
+    }
+}
+
 /// `cpu`; `cuda` (= `cuda:0`) or `cuda:N`; `auto` = the first CUDA GPU when this build has CUDA
 /// support and one is present, else the CPU.
 pub fn parse_device(s: &str) -> Result<Device> {
-    let ordinal = match s {
-        "cpu" => return Ok(Device::Cpu),
-        "auto" => return Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
-        "cuda" => 0,
-        other => other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<usize>().ok())
-            .with_context(|| format!("unknown device `{other}` (cpu, cuda, cuda:N or auto)"))?,
-    };
-    if !candle_core::utils::cuda_is_available() {
-        bail!(
-            "device `{s}`: this build of sd-lora has no CUDA support; rebuild with \
-             `cargo build --release --features cuda` (see environment.md)"
-        );
-    }
-    Device::new_cuda(ordinal)
-        .with_context(|| format!("device `{s}`: cannot open CUDA GPU {ordinal}"))
+    s.parse::<DeviceSpec>()?.open()
 }
 
 /// The compute dtype for frozen weights and activations when none is asked for: f32 on the CPU
@@ -37,32 +66,40 @@ pub fn default_dtype(device: &Device) -> DType {
     }
 }
 
-/// `f32`/`fp32`, `f16`/`fp16` or `bf16`.
-pub fn parse_dtype(s: &str) -> Result<DType> {
-    match s {
-        "f32" | "fp32" => Ok(DType::F32),
-        "f16" | "fp16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        other => bail!("unknown dtype `{other}` (f32, f16 or bf16)"),
+/// `--dtype`: a compute precision, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ComputeDType {
+    /// f32 on the CPU, bf16 on GPUs.
+    Auto,
+    #[value(alias = "fp32")]
+    F32,
+    #[value(alias = "fp16")]
+    F16,
+    /// GPU only (candle has no bf16 matmul on the CPU).
+    Bf16,
+}
+
+impl ComputeDType {
+    /// The dtype on `device` (`auto` = [`default_dtype`]); bf16 is refused on the CPU.
+    pub fn resolve(self, device: &Device) -> Result<DType> {
+        let dtype = match self {
+            Self::Auto => default_dtype(device),
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        };
+        if dtype == DType::BF16 && device.is_cpu() {
+            bail!("bf16 compute is not available on the CPU (candle has no bf16 matmul there): use f32 or f16");
+        }
+        Ok(dtype)
     }
 }
 
-/// Refuses bf16 compute on the CPU (candle has no bf16 matmul there).
-pub fn check_dtype(dtype: DType, device: &Device) -> Result<()> {
-    if dtype == DType::BF16 && device.is_cpu() {
-        bail!("bf16 compute is not available on the CPU (candle has no bf16 matmul there): use f32 or f16");
-    }
-    Ok(())
-}
-
-/// Parses `--dtype` (`auto` = [`default_dtype`]) and refuses bf16 on the CPU.
+/// Parses a dtype name (`auto`, `f32`/`fp32`, `f16`/`fp16`, `bf16`) for `device`.
 pub fn parse_dtype_for(s: &str, device: &Device) -> Result<DType> {
-    let dtype = match s {
-        "auto" => default_dtype(device),
-        other => parse_dtype(other)?,
-    };
-    check_dtype(dtype, device)?;
-    Ok(dtype)
+    let c = <ComputeDType as clap::ValueEnum>::from_str(s, false)
+        .map_err(|_| anyhow::anyhow!("unknown dtype `{s}` (auto, f32, f16 or bf16)"))?;
+    c.resolve(device)
 }
 
 /// Waits for queued GPU work (timings); nothing on the CPU.

@@ -4,6 +4,8 @@
 use anyhow::Result;
 use candle_core::{DType, Device};
 
+pub use crate::device::{ComputeDType, DeviceSpec};
+
 /// Which model, in which precision, where. Flattened into `generate`, `train`, `unet-forward`
 /// and `bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -21,7 +23,7 @@ pub struct ModelArgs {
     pub dtype: ComputeDType,
     /// Where to run: cpu, cuda, cuda:N, or auto (the GPU when this build has CUDA and there is
     /// one).
-    #[arg(long, default_value = "auto", value_parser = parse_device_spec)]
+    #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
 }
 
@@ -54,32 +56,6 @@ pub struct StructureArgs {
     pub model: String,
 }
 
-/// `--dtype`: a compute precision, or `auto`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ComputeDType {
-    /// f32 on the CPU, bf16 on GPUs.
-    Auto,
-    #[value(alias = "fp32")]
-    F32,
-    #[value(alias = "fp16")]
-    F16,
-    /// GPU only (candle has no bf16 matmul on the CPU).
-    Bf16,
-}
-
-impl ComputeDType {
-    pub fn resolve(self, device: &Device) -> Result<DType> {
-        let dtype = match self {
-            Self::Auto => crate::device::default_dtype(device),
-            Self::F32 => DType::F32,
-            Self::F16 => DType::F16,
-            Self::Bf16 => DType::BF16,
-        };
-        crate::device::check_dtype(dtype, device)?;
-        Ok(dtype)
-    }
-}
-
 /// `--save-dtype`: the precision of written LoRA files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SaveDType {
@@ -98,37 +74,6 @@ impl From<SaveDType> for DType {
             SaveDType::F16 => DType::F16,
             SaveDType::Bf16 => DType::BF16,
         }
-    }
-}
-
-/// `--device`: parsed at once, opened when the command runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceSpec {
-    Cpu,
-    Cuda(usize),
-    Auto,
-}
-
-impl DeviceSpec {
-    pub fn open(self) -> Result<Device> {
-        crate::device::parse_device(&match self {
-            Self::Cpu => "cpu".to_string(),
-            Self::Cuda(n) => format!("cuda:{n}"),
-            Self::Auto => "auto".to_string(),
-        })
-    }
-}
-
-fn parse_device_spec(s: &str) -> Result<DeviceSpec, String> {
-    match s {
-        "cpu" => Ok(DeviceSpec::Cpu),
-        "auto" => Ok(DeviceSpec::Auto),
-        "cuda" => Ok(DeviceSpec::Cuda(0)),
-        other => other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(DeviceSpec::Cuda)
-            .ok_or_else(|| format!("`{other}`: expected cpu, cuda, cuda:N or auto")),
     }
 }
 

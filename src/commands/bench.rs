@@ -278,14 +278,14 @@ pub fn bench_generate(cfg: &BenchConfig) -> Result<BenchReport> {
         sd
     };
     use crate::io::ModelName;
-    let random_weights = !matches!(ModelName::parse(&cfg.model)?, ModelName::Local(_));
-    if let (Some(v), true) = (&cfg.variant, random_weights) {
+    let name = ModelName::parse(&cfg.model)?;
+    if let (Some(v), false) = (&cfg.variant, matches!(name, ModelName::Local(_))) {
         bail!(
             "--variant {v}: `{}` runs on random weights; variants apply to a pipeline folder",
             cfg.model
         );
     }
-    let sd = match ModelName::parse(&cfg.model)? {
+    let sd = match name {
         ModelName::Tiny => random(
             UNetConfig::tiny(),
             VaeConfig::tiny(),

@@ -38,12 +38,11 @@ pub enum LoraFormat {
 
 impl std::str::FromStr for LoraFormat {
     type Err = anyhow::Error;
+    /// The writable formats by their command-line names (`peft`/`diffusers`,
+    /// `kohya`/`a1111`/`comfyui`).
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "peft" | "diffusers" => Ok(Self::Peft),
-            "kohya" | "a1111" | "comfyui" => Ok(Self::Kohya),
-            other => bail!("unknown LoRA format `{other}` (peft or kohya)"),
-        }
+        <Self as clap::ValueEnum>::from_str(s, false)
+            .map_err(|_| anyhow::anyhow!("unknown LoRA format `{s}` (peft or kohya)"))
     }
 }
 

@@ -27,15 +27,10 @@ pub enum SchedulerKind {
 
 impl std::str::FromStr for SchedulerKind {
     type Err = anyhow::Error;
+    /// The command line's names (`ddim`, `ddpm`, `euler-a` and its aliases), any case.
     fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "ddpm" => Ok(Self::Ddpm),
-            "ddim" => Ok(Self::Ddim),
-            "euler-a" | "euler_a" | "euler-ancestral" | "euler_ancestral" => {
-                Ok(Self::EulerAncestral)
-            }
-            other => bail!("unknown scheduler `{other}` (ddim, ddpm, euler-a)"),
-        }
+        <Self as clap::ValueEnum>::from_str(s, true)
+            .map_err(|_| anyhow::anyhow!("unknown scheduler `{s}` (ddim, ddpm, euler-a)"))
     }
 }
 

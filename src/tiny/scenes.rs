@@ -48,12 +48,10 @@ pub enum Look {
 
 impl std::str::FromStr for Look {
     type Err = anyhow::Error;
+    /// `base` (or `photo`) and `anime`.
     fn from_str(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "base" | "photo" => Ok(Self::Base),
-            "anime" => Ok(Self::Anime),
-            other => anyhow::bail!("unknown style `{other}` (base or anime)"),
-        }
+        <Self as clap::ValueEnum>::from_str(s, false)
+            .map_err(|_| anyhow::anyhow!("unknown style `{s}` (base or anime)"))
     }
 }
 
