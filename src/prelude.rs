@@ -4,7 +4,8 @@ pub use crate::data::{image_to_tensor, tensor_to_image, CaptionSource, DataConfi
 pub use crate::device::{peak_rss_mib, reset_peak_rss};
 pub use crate::lora::io::{save_lora, save_lora_as};
 pub use crate::lora::{
-    group_digits, LoraConfig, LoraFile, LoraFormat, LoraInit, LoraLinear, LoraModel, LoraSummary,
+    group_digits, AdapterKind, Component, LoraApplied, LoraConfig, LoraFile, LoraFormat, LoraInit,
+    LoraLinear, LoraLoad, LoraModel, LoraSummary,
 };
 pub use crate::pipeline::{GenerateConfig, Images, LoadOptions, StableDiffusion};
 pub use crate::plot::{

@@ -278,7 +278,7 @@ fn convert_and_inspect_lora_files() {
             .clone();
     for f in [&peft, &back] {
         let mut u = UNet2DConditionModel::load(&model, None, DType::F32, &Device::Cpu).unwrap();
-        let lf = LoraFile::read(f, &u.linear_names().unwrap()).unwrap();
+        let lf = LoraFile::open(f).unwrap();
         u.apply_lora_file(&lf, &VarMap::new()).unwrap();
         let y = u
             .forward(&t["sample"], &t["timestep"], &t["encoder_hidden_states"])

@@ -283,7 +283,7 @@ fn saved_lora_files_round_trip_in_both_formats() {
         let path = dir.path().join(name);
         save_lora(&u.linears().unwrap(), fmt, &path).unwrap();
         let mut v = load_a();
-        let lf = LoraFile::read(&path, &v.linear_names().unwrap()).unwrap();
+        let lf = LoraFile::open(&path).unwrap();
         assert_eq!(lf.format, fmt);
         v.apply_lora_file(&lf, &VarMap::new()).unwrap();
         let (s1, s2) = (u.lora_summary().unwrap(), v.lora_summary().unwrap());
@@ -316,7 +316,7 @@ fn lora_for_another_architecture_is_rejected_with_file_and_tensor() {
     let mut u =
         UNet2DConditionModel::load(golden("unet_a"), None, DType::F32, &Device::Cpu).unwrap();
     let path = golden("unet_b/lora_peft.safetensors");
-    let lf = LoraFile::read(&path, &u.linear_names().unwrap()).unwrap();
+    let lf = LoraFile::open(&path).unwrap();
     let err = u
         .apply_lora_file(&lf, &VarMap::new())
         .unwrap_err()
@@ -335,7 +335,7 @@ fn lora_for_another_architecture_is_rejected_with_file_and_tensor() {
     cfg.cross_attention_dim = sd_lora::unet::PerBlock::One(32);
     let mut w = UNet2DConditionModel::random(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
     let path = golden("unet_a/lora_kohya.safetensors");
-    let lf = LoraFile::read(&path, &w.linear_names().unwrap()).unwrap();
+    let lf = LoraFile::open(&path).unwrap();
     let err = w
         .apply_lora_file(&lf, &VarMap::new())
         .unwrap_err()
@@ -423,11 +423,7 @@ fn diffusers_reproduces_our_unet_output_from_our_files() {
     for fmt in ["kohya", "peft"] {
         let mut u =
             UNet2DConditionModel::load(golden("unet_a"), None, DType::F32, &Device::Cpu).unwrap();
-        let lf = LoraFile::read(
-            golden(&format!("ours/lora_{fmt}.safetensors")),
-            &u.linear_names().unwrap(),
-        )
-        .unwrap();
+        let lf = LoraFile::open(golden(&format!("ours/lora_{fmt}.safetensors"))).unwrap();
         let s = u.apply_lora_file(&lf, &VarMap::new()).unwrap();
         assert_eq!(
             s.lora_layers,

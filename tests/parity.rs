@@ -61,7 +61,7 @@ fn lora_files_in_every_format_match_peft() {
         for file in ["lora_peft", "lora_kohya", "lora_old"] {
             let mut u = unet(case);
             let path = golden(&format!("{}/{file}.safetensors", case.model));
-            let lf = LoraFile::read(&path, &u.linear_names().unwrap()).unwrap();
+            let lf = LoraFile::open(&path).unwrap();
             u.apply_lora_file(&lf, &VarMap::new()).unwrap();
             for input in case.inputs {
                 let e = rel_err(&run(&u, case, input), &reference(case, "lora", input));
@@ -86,11 +86,7 @@ fn lora_files_in_every_format_match_peft() {
 fn merged_lora_matches_and_unmerge_restores_exactly() {
     let case = &CASES[0];
     let mut u = unet(case);
-    let lf = LoraFile::read(
-        golden("unet_a/lora_peft.safetensors"),
-        &u.linear_names().unwrap(),
-    )
-    .unwrap();
+    let lf = LoraFile::open(golden("unet_a/lora_peft.safetensors")).unwrap();
     u.apply_lora_file(&lf, &VarMap::new()).unwrap();
     let before: Vec<Tensor> = u
         .linears()
@@ -122,11 +118,7 @@ fn merged_lora_matches_and_unmerge_restores_exactly() {
 fn lora_gradients_match_pytorch() {
     let case = &CASES[0];
     let mut u = unet(case);
-    let lf = LoraFile::read(
-        golden("unet_a/lora_peft.safetensors"),
-        &u.linear_names().unwrap(),
-    )
-    .unwrap();
+    let lf = LoraFile::open(golden("unet_a/lora_peft.safetensors")).unwrap();
     u.apply_lora_file(&lf, &VarMap::new()).unwrap();
     let t = load("unet_a/inputs_square_b2.safetensors");
     let out = u

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use super::args::ModelArgs;
 use crate::io::write_safetensors_atomic;
-use crate::lora::{LoraFile, LoraModel};
+use crate::lora::{LoraFile, LoraLoad, LoraModel};
 use crate::unet::UNet2DConditionModel;
 
 /// `sd-lora unet-forward`.
@@ -24,9 +24,14 @@ pub struct UnetForwardArgs {
     /// Output safetensors; gets tensor `sample` (f32).
     #[arg(long)]
     pub out: PathBuf,
-    /// A LoRA file (PEFT/diffusers, kohya, or old diffusers format).
+    /// A LoRA file (any layout and kind `inspect-lora` lists; its text-encoder part is counted
+    /// and not used here).
     #[arg(long)]
     pub lora: Option<PathBuf>,
+    /// Load the tensors of --lora that match and warn about the rest (unknown keys, modules
+    /// this model lacks) instead of refusing the file.
+    #[arg(long)]
+    pub allow_partial_lora: bool,
     /// Strength of the LoRA (0 = base model, 1 = as trained).
     #[arg(long, default_value_t = 1.0, value_parser = super::args::finite, allow_negative_numbers = true)]
     pub lora_scale: f64,
@@ -65,20 +70,14 @@ pub fn unet_forward(a: &UnetForwardArgs) -> Result<String> {
         );
     }
     if let Some(path) = &a.lora {
-        let file = LoraFile::read(path, &unet.linear_names()?)?;
-        let s = unet.apply_lora_file(&file, &VarMap::new())?;
-        unet.set_lora_scale(a.lora_scale)?;
+        let file = LoraFile::open(path)?;
+        let opts = LoraLoad::default()
+            .with_strength(a.lora_scale)
+            .partial(a.allow_partial_lora);
+        let applied = unet.load_lora_file(&file, &opts, &VarMap::new())?;
         note = format!(
-            ", LoRA {:?} {} layers, {} params, scale {}{}",
-            file.format,
-            s.lora_layers,
-            s.trainable_params,
-            a.lora_scale,
-            if file.skipped.is_empty() {
-                String::new()
-            } else {
-                format!(" ({} text-encoder tensors ignored)", file.skipped.len())
-            }
+            ", {:?} file: {applied}, scale {}",
+            file.format, a.lora_scale
         );
     }
     let y = unet

@@ -3,11 +3,10 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
-use candle_nn::VarMap;
 use std::path::PathBuf;
 
 use super::args::{count, finite, ModelArgs};
-use crate::lora::{LoraFile, LoraModel};
+use crate::lora::{LoraFile, LoraLoad, LoraModel};
 use crate::pipeline::{GenerateConfig, LoadOptions, StableDiffusion};
 use crate::scheduler::SchedulerKind;
 
@@ -43,9 +42,14 @@ pub struct GenerateArgs {
     /// Images per prompt.
     #[arg(long, default_value_t = GenerateConfig::default().num_images, value_parser = count)]
     pub num_images: usize,
-    /// A LoRA file (PEFT/diffusers, kohya or old diffusers format); repeat to stack several.
+    /// A LoRA file (kohya/LyCORIS LoRA, LoCon, LoHa, LoKr, DoRA, full; PEFT/diffusers; A1111
+    /// names), UNet and text-encoder parts; repeat to stack several.
     #[arg(long)]
     pub lora: Vec<PathBuf>,
+    /// Load the tensors of each --lora that match and warn about the rest (unknown keys,
+    /// modules this model lacks) instead of refusing the file.
+    #[arg(long)]
+    pub allow_partial_lora: bool,
     /// Strength of each --lora in order (0 = off; missing ones are 1.0).
     #[arg(long, value_parser = finite, allow_negative_numbers = true)]
     pub lora_scale: Vec<f64>,
@@ -130,18 +134,18 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<PathBuf>> {
         device,
         cache_dir: None,
     })?;
-    let names = sd.unet.linear_names()?;
     for (i, path) in a.lora.iter().enumerate() {
-        let file = LoraFile::read(path, &names)?;
+        let file = LoraFile::open(path)?;
         let adapter = if i == 0 {
             crate::lora::DEFAULT_ADAPTER.to_string()
         } else {
             format!("lora{i}")
         };
-        sd.unet
-            .apply_lora_file_as(&file, &adapter, &VarMap::new())?;
-        let scale = a.lora_scale.get(i).copied().unwrap_or(1.0);
-        sd.unet.set_adapter_scale(&adapter, scale)?;
+        let opts = LoraLoad::named(&adapter)
+            .with_strength(a.lora_scale.get(i).copied().unwrap_or(1.0))
+            .partial(a.allow_partial_lora);
+        let applied = sd.load_lora_file(&file, &opts)?;
+        eprintln!("{}: {applied}", path.display());
     }
     if !a.strengths.is_empty() {
         let rows = sd.generate_at_strengths(&cfg, &a.strengths)?;

@@ -1,7 +1,8 @@
 //! `sd-lora inspect-model` and `sd-lora inspect-lora`: what a LoRA would add to a model, and
 //! what a LoRA file holds. Both read structures only, never weights.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
+use candle_core::DType;
 use candle_nn::VarMap;
 use std::path::PathBuf;
 
@@ -72,67 +73,70 @@ pub struct InspectLoraArgs {
     pub structure: StructureArgs,
 }
 
-/// Format, layers, ranks, alphas, targets, parameters and metadata of a LoRA file.
+/// Layout, dtype, adapter kinds (per component, linear/conv, LoRA/LoHa/LoKr/full, DoRA) with
+/// their ranks and alphas, how the file matches the model structure, unknown keys, metadata.
 pub fn inspect_lora(a: &InspectLoraArgs) -> Result<String> {
     let path = &a.file;
-    let unet = UNet2DConditionModel::meta(&UNetConfig::for_model(&a.structure.model)?)?;
-    let file = LoraFile::read(path, &unet.linear_names()?)?;
-    let sorted = |mut v: Vec<String>| {
-        v.sort();
-        v.dedup();
-        v
-    };
-    let mut ranks: Vec<usize> = file.modules.iter().map(|m| m.a.dims()[0]).collect();
-    ranks.sort();
-    ranks.dedup();
-    let alphas = sorted(
-        file.modules
-            .iter()
-            .map(|m| format!("{}", m.alpha))
-            .collect(),
-    );
-    let kinds = sorted(
-        file.modules
-            .iter()
-            .filter_map(|m| {
-                crate::lora::INJECTABLE
-                    .iter()
-                    .find(|k| crate::lora::target_matches(k, &m.module))
-                    .map(|k| k.to_string())
-            })
-            .collect(),
-    );
-    let params: usize = file
-        .modules
-        .iter()
-        .map(|m| m.a.elem_count() + m.b.elem_count())
-        .sum();
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let mut meta: Vec<(String, String)> = header
-        .metadata()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    meta.sort();
-    let mut out = format!(
-        "file:        {}\nformat:      {:?}\nlayers:      {}\nrank:        {}\nalpha:       {}\ntargets:     {}\nparameters:  {}\n",
+    let model = &a.structure.model;
+    let unet = UNet2DConditionModel::meta(&UNetConfig::for_model(model)?)?;
+    let te = crate::text::ClipTextModel::new(
+        &if model == "tiny" {
+            crate::text::ClipTextConfig::tiny()
+        } else {
+            crate::text::ClipTextConfig::sd_v1_5()
+        },
+        &crate::weights::WeightSource::meta(DType::F32),
+    )?;
+    let file = LoraFile::open(path)?;
+    let (ui, ti) = (unet.module_index()?, te.module_index()?);
+    let (plan, unmatched) = crate::lora::apply::match_entries(&file, &[&ui, &ti])?;
+    let params: usize = file.entries.iter().map(|e| e.weights.num_params()).sum();
+    let mut out =
+        format!(
+        "file:        {}\nlayout:      {:?}\ndtype:       {}\nadapters:    {} layers, {} values\n",
         path.display(),
         file.format,
-        file.modules.len(),
-        ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", "),
-        alphas.join(", "),
-        kinds.join(", "),
+        file.dtypes.iter().map(|d| format!("{d:?}").to_lowercase()).collect::<Vec<_>>().join(", "),
+        file.entries.len(),
         crate::lora::group_digits(params)
     );
-    if !file.skipped.is_empty() {
+    for (kind, (n, ranks, alphas)) in crate::lora::apply::kind_table(&file) {
+        let ranks: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
         out += &format!(
-            "text encoder tensors (not applied): {}\n",
-            file.skipped.len()
+            "  {kind}: {n} layers, rank {}, alpha {}\n",
+            if ranks.is_empty() {
+                "-".into()
+            } else {
+                ranks.join("/")
+            },
+            alphas.join("/")
         );
     }
+    let matched: usize = plan.targets.values().map(|v| v.len()).sum();
+    out += &format!(
+        "matches {model}: {matched} of {} adapters",
+        file.entries.len()
+    );
+    for (c, (n, _)) in &plan.not_loaded {
+        out += &format!(", {n} for the {c} (not part of {model})");
+    }
+    out += "\n";
+    if !unmatched.is_empty() {
+        out += &format!(
+            "NOT MATCHED ({}; refused unless --allow-partial-lora): {}\n",
+            unmatched.len(),
+            crate::lora::file::list_names(&unmatched, 10)
+        );
+    }
+    if !file.unknown.is_empty() {
+        out += &format!(
+            "UNKNOWN keys ({}; refused unless --allow-partial-lora): {}\n",
+            file.unknown.len(),
+            crate::lora::file::list_names(&file.unknown, 10)
+        );
+    }
+    let mut meta: Vec<(String, String)> = file.metadata.clone().into_iter().collect();
+    meta.sort();
     for (k, v) in meta {
         let v = match v.char_indices().nth(200) {
             Some((cut, _)) => format!("{}...", &v[..cut]),

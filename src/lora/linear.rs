@@ -7,6 +7,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal, Uniform};
 
 use super::config::LoraInit;
+use super::patch::{PatchSet, Patchable, WeightPatch};
 use crate::weights::{Init, WeightSource};
 
 /// Name of the adapter that `inject_lora` creates and training updates.
@@ -60,6 +61,8 @@ pub struct LoraLinear {
     adapters: Vec<LoraAdapter>,
     /// The base weight before `merge`, restored bit-exactly by `unmerge`.
     unmerged: Option<Tensor>,
+    /// Adapters of loaded files that patch the weight (LoHa, LoKr, DoRA, full, ...).
+    patches: PatchSet,
 }
 
 impl LoraLinear {
@@ -95,6 +98,7 @@ impl LoraLinear {
             conv1x1,
             adapters: Vec::new(),
             unmerged: None,
+            patches: PatchSet::default(),
         })
     }
 
@@ -116,6 +120,7 @@ impl LoraLinear {
             conv1x1: false,
             adapters: Vec::new(),
             unmerged: None,
+            patches: PatchSet::default(),
         })
     }
 
@@ -257,6 +262,7 @@ impl LoraLinear {
     /// Removes every adapter (unmerging first if needed).
     pub fn remove_adapters(&mut self) -> Result<Vec<LoraAdapter>> {
         self.unmerge()?;
+        self.patches.clear();
         Ok(std::mem::take(&mut self.adapters))
     }
 
@@ -277,20 +283,24 @@ impl LoraLinear {
         }
         let merged = merged.to_dtype(self.weight.dtype())?;
         self.unmerged = Some(std::mem::replace(&mut self.weight, merged));
-        Ok(())
+        self.patches.refresh(&self.weight, self.bias.as_ref())
     }
 
     /// Restores the exact base weight saved by `merge`.
     pub fn unmerge(&mut self) -> Result<()> {
         if let Some(w) = self.unmerged.take() {
             self.weight = w;
+            self.patches.refresh(&self.weight, self.bias.as_ref())?;
         }
         Ok(())
     }
 
     /// `x [..., in] -> [..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = linear(x, &self.weight, self.bias.as_ref())?;
+        let mut y = match self.patches.effective() {
+            Some((w, b)) => linear(x, w, b.as_ref())?,
+            None => linear(x, &self.weight, self.bias.as_ref())?,
+        };
         if self.is_merged() {
             return Ok(y);
         }
@@ -307,6 +317,35 @@ impl LoraLinear {
             y = (y + h.to_dtype(x.dtype())?)?;
         }
         Ok(y)
+    }
+}
+
+impl Patchable for LoraLinear {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn weight_shape(&self) -> Vec<usize> {
+        self.weight.dims().to_vec()
+    }
+    fn bias_len(&self) -> Option<usize> {
+        self.bias.as_ref().map(|b| b.elem_count())
+    }
+    fn patches(&self) -> &PatchSet {
+        &self.patches
+    }
+    fn add_patch(&mut self, p: WeightPatch) -> Result<()> {
+        p.check(self.weight.dims(), self.bias_len())
+            .with_context(|| format!("{}", self.name))?;
+        self.patches.push(p, &self.weight, self.bias.as_ref())
+    }
+    fn update_patches(&mut self, f: &mut dyn FnMut(&mut WeightPatch)) -> Result<()> {
+        self.patches.update(&self.weight, self.bias.as_ref(), f)
+    }
+    fn clear_patches(&mut self) {
+        self.patches.clear();
+    }
+    fn is_conv(&self) -> bool {
+        self.conv1x1
     }
 }
 

@@ -1,18 +1,26 @@
 //! LoRA: configuration, the adapted linear layer, injection by module name, counting, and
 //! runtime control (strength, on/off, merge).
 
+pub mod apply;
 pub mod config;
+pub mod file;
 pub mod io;
+pub mod keys;
 pub mod linear;
+pub mod patch;
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Var};
 use candle_nn::VarMap;
 use serde::Serialize;
 
+pub use apply::{LoraApplied, LoraLoad, LoraPlan, ModuleIndex};
 pub use config::{target_matches, LoraConfig, LoraInit, INJECTABLE};
-pub use io::{LoraFile, LoraFormat, LoraModuleWeights};
+pub use file::{LoraEntry, LoraFile};
+pub use io::LoraFormat;
+pub use keys::Component;
 pub use linear::{LoraAdapter, LoraLinear, DEFAULT_ADAPTER};
+pub use patch::{AdapterKind, PatchWeights, Patchable, WeightPatch};
 
 /// A model whose linear layers can carry LoRA adapters. Implemented by the UNet and the CLIP
 /// text encoder; the provided methods do the injection (the tutorial's
@@ -26,6 +34,41 @@ pub trait LoraModel: Clone {
     /// Number of frozen (base) parameters.
     fn base_param_count(&self) -> usize;
     fn device(&self) -> &Device;
+    /// Which part of a pipeline this model is (selects a LoRA file's tensors).
+    fn lora_component(&self) -> Component;
+
+    /// Other names files use for this model's modules: (alias, module path) pairs. Default
+    /// none.
+    fn module_aliases(&self) -> Result<Vec<(String, String)>> {
+        Ok(Vec::new())
+    }
+
+    /// Reads every layer a loaded file can patch. Default: the linear layers.
+    fn visit_patchables(&self, f: &mut dyn FnMut(&dyn Patchable) -> Result<()>) -> Result<()> {
+        self.visit_linears(&mut |l| f(l))
+    }
+
+    /// Visits every layer a loaded file can patch, mutably. Default: the linear layers.
+    fn for_each_patchable(
+        &mut self,
+        f: &mut dyn FnMut(&mut dyn Patchable) -> Result<()>,
+    ) -> Result<()> {
+        self.for_each_linear(&mut |l| f(l))
+    }
+
+    /// The names a file may use for this model's modules.
+    fn module_index(&self) -> Result<ModuleIndex> {
+        let mut names = Vec::new();
+        self.visit_patchables(&mut |p| {
+            names.push(p.name().to_string());
+            Ok(())
+        })?;
+        Ok(ModuleIndex::new(
+            self.lora_component(),
+            &names,
+            &self.module_aliases()?,
+        ))
+    }
 
     /// Snapshot of the linear layers (cheap: tensors are shared, not copied).
     fn linears(&self) -> Result<Vec<LoraLinear>> {
@@ -87,9 +130,10 @@ pub trait LoraModel: Clone {
         self.lora_summary()
     }
 
-    /// Attaches the adapters of a LoRA file (any supported format) as the `default` adapter and
-    /// registers them in `varmap`. Fails, naming the file and tensor, when a module does not
-    /// exist in this model or a shape does not fit; the model is unchanged then.
+    /// Attaches the adapters of a LoRA file (any supported layout and kind) as the `default`
+    /// adapter. Refuses, naming the tensors, a file with unknown keys or adapters for modules
+    /// this model lacks; parts for other components (the text encoder's, for the UNet) are
+    /// left to their model. The model is unchanged on error.
     fn apply_lora_file(&mut self, file: &LoraFile, varmap: &VarMap) -> Result<LoraSummary> {
         self.apply_lora_file_as(file, DEFAULT_ADAPTER, varmap)
     }
@@ -103,35 +147,96 @@ pub trait LoraModel: Clone {
         adapter: &str,
         varmap: &VarMap,
     ) -> Result<LoraSummary> {
-        let names = self.linear_names()?;
-        for m in &file.modules {
-            if !names.contains(&m.module) {
-                bail!(
-                    "{}: tensor `{}` targets module `{}`, which this model does not have (a LoRA for another architecture?)",
-                    file.path.display(),
-                    m.source_key,
-                    m.module
-                );
-            }
+        self.load_lora_file(file, &LoraLoad::named(adapter), varmap)?;
+        self.lora_summary()
+    }
+
+    /// Loads a file's part for this model with `opts` (adapter name, strength, partial loads)
+    /// and reports what was applied and what was not.
+    fn load_lora_file(
+        &mut self,
+        file: &LoraFile,
+        opts: &LoraLoad,
+        varmap: &VarMap,
+    ) -> Result<LoraApplied> {
+        let index = self.module_index()?;
+        let plan = apply::plan(file, &[&index], opts.allow_partial)?;
+        let targets = plan
+            .targets
+            .get(&self.lora_component())
+            .cloned()
+            .unwrap_or_default();
+        self.apply_planned(file, &targets, opts, varmap)?;
+        Ok(LoraApplied::new(file, &plan, &opts.adapter))
+    }
+
+    /// Applies planned entries (`(entry index, module path)`, from [`apply::plan`]): plain
+    /// LoRA on linear layers as trainable `A`/`B` adapters, everything else as weight
+    /// patches. All or nothing.
+    fn apply_planned(
+        &mut self,
+        file: &LoraFile,
+        targets: &[(usize, String)],
+        opts: &LoraLoad,
+        varmap: &VarMap,
+    ) -> Result<()> {
+        if !opts.strength.is_finite() {
+            bail!("LoRA strength must be finite, got {}", opts.strength);
         }
+        let linears = self.linear_names()?;
+        let linears = apply::set_of(&linears);
+        let mut by_module: std::collections::HashMap<&str, &LoraEntry> = Default::default();
+        for (i, m) in targets {
+            by_module.insert(m.as_str(), &file.entries[*i]);
+        }
+        let adapter = opts.adapter.as_str();
+        let show = file.path.display();
         let mut staged = self.clone();
         let mut new_vars = Vec::new();
         staged.for_each_linear(&mut |l| {
-            if let Some(m) = file.modules.iter().find(|m| m.module == l.name()) {
-                let name = l.name().to_string();
-                let ad = l
-                    .add_adapter(adapter, m.a.clone(), m.b.clone(), m.alpha)
-                    .map_err(|e| {
-                        anyhow::anyhow!("{}: tensor `{}`: {e}", file.path.display(), m.source_key)
-                    })?;
-                new_vars.push((var_name(&name, adapter, "A"), ad.a.clone()));
-                new_vars.push((var_name(&name, adapter, "B"), ad.b.clone()));
+            let Some(e) = by_module.get(l.name()) else {
+                return Ok(());
+            };
+            if !e.is_plain_lora() {
+                return Ok(());
+            }
+            let PatchWeights::Lora { down, up, .. } = &e.weights else {
+                return Ok(());
+            };
+            let alpha = e.effective_alpha().unwrap_or(1.0);
+            let name = l.name().to_string();
+            let ad = l
+                .add_adapter(adapter, down.clone(), up.clone(), alpha)
+                .map_err(|err| anyhow::anyhow!("{show}: `{}`: {err}", e.keys[0]))?;
+            new_vars.push((var_name(&name, adapter, "A"), ad.a.clone()));
+            new_vars.push((var_name(&name, adapter, "B"), ad.b.clone()));
+            for ad in l.adapters_mut().iter_mut().filter(|a| a.name == adapter) {
+                ad.scale = opts.strength;
             }
             Ok(())
         })?;
+        staged.for_each_patchable(&mut |p| {
+            let Some(e) = by_module.get(p.name()) else {
+                return Ok(());
+            };
+            if e.is_plain_lora() && linears.contains(p.name()) {
+                return Ok(());
+            }
+            if p.patches().list().iter().any(|x| x.adapter == adapter) {
+                bail!(
+                    "{}: already patched by an adapter named `{adapter}`",
+                    p.name()
+                );
+            }
+            let mut patch =
+                WeightPatch::new(adapter, e.weights.clone(), e.alpha, e.dora_scale.clone());
+            patch.scale = opts.strength;
+            p.add_patch(patch)
+                .map_err(|err| anyhow::anyhow!("{show}: `{}`: {err:#}", e.keys[0]))
+        })?;
         register(varmap, new_vars)?;
         *self = staged;
-        self.lora_summary()
+        Ok(())
     }
 
     /// Counts of adapted layers and parameters.
@@ -152,11 +257,26 @@ pub trait LoraModel: Clone {
             Ok(())
         })?;
         let trainable: usize = layers.iter().map(|l| l.params).sum();
+        let (mut patched_layers, mut patch_params) = (0, 0);
+        self.visit_patchables(&mut |p| {
+            if !p.patches().is_empty() {
+                patched_layers += 1;
+                patch_params += p
+                    .patches()
+                    .list()
+                    .iter()
+                    .map(|x| x.weights.num_params())
+                    .sum::<usize>();
+            }
+            Ok(())
+        })?;
         Ok(LoraSummary {
             lora_layers: layers.len(),
             trainable_params: trainable,
             total_params: self.base_param_count() + trainable,
             layers,
+            patched_layers,
+            patch_params,
         })
     }
 
@@ -175,13 +295,22 @@ pub trait LoraModel: Clone {
         Ok(out)
     }
 
-    /// Names of the adapters present, in first-seen order.
+    /// Names of the adapters present (trainable ones and weight patches), in first-seen
+    /// order.
     fn adapter_names(&self) -> Result<Vec<String>> {
         let mut names: Vec<String> = Vec::new();
         self.visit_linears(&mut |l| {
             for ad in l.adapters() {
                 if !names.contains(&ad.name) {
                     names.push(ad.name.clone());
+                }
+            }
+            Ok(())
+        })?;
+        self.visit_patchables(&mut |p| {
+            for x in p.patches().list() {
+                if !names.contains(&x.adapter) {
+                    names.push(x.adapter.clone());
                 }
             }
             Ok(())
@@ -209,6 +338,13 @@ pub trait LoraModel: Clone {
                 ad.scale = scale;
             }
             Ok(())
+        })?;
+        self.for_each_patchable(&mut |p| {
+            p.update_patches(&mut |x| {
+                if x.adapter == name {
+                    x.scale = scale;
+                }
+            })
         })
     }
 
@@ -225,7 +361,8 @@ pub trait LoraModel: Clone {
                 ad.scale = scale;
             }
             Ok(())
-        })
+        })?;
+        self.for_each_patchable(&mut |p| p.update_patches(&mut |x| x.scale = scale))
     }
 
     /// Switches every adapter on or off without touching its weights.
@@ -238,7 +375,8 @@ pub trait LoraModel: Clone {
                 ad.enabled = enabled;
             }
             Ok(())
-        })
+        })?;
+        self.for_each_patchable(&mut |p| p.update_patches(&mut |x| x.enabled = enabled))
     }
 
     /// Folds every adapter into its base weight (inference speed-up; undo with `unmerge_lora`).
@@ -251,9 +389,13 @@ pub trait LoraModel: Clone {
         self.for_each_linear(&mut |l| l.unmerge())
     }
 
-    /// Removes every adapter (the model is the base model again).
+    /// Removes every adapter and weight patch (the model is the base model again).
     fn remove_lora(&mut self) -> Result<()> {
-        self.for_each_linear(&mut |l| l.remove_adapters().map(|_| ()))
+        self.for_each_linear(&mut |l| l.remove_adapters().map(|_| ()))?;
+        self.for_each_patchable(&mut |p| {
+            p.clear_patches();
+            Ok(())
+        })
     }
 }
 
@@ -299,6 +441,11 @@ pub struct LoraSummary {
     /// Base parameters plus LoRA parameters (as PEFT counts them).
     pub total_params: usize,
     pub layers: Vec<LoraLayerInfo>,
+    /// Layers whose weight a loaded file patches (LoCon convolutions, LoHa, LoKr, DoRA, full;
+    /// not trainable, not in `layers`).
+    pub patched_layers: usize,
+    /// Values stored by those patches.
+    pub patch_params: usize,
 }
 
 impl LoraSummary {
@@ -344,7 +491,16 @@ impl std::fmt::Display for LoraSummary {
             f,
             "trainable ratio:  {:.2}%",
             100.0 * self.trainable_ratio()
-        )
+        )?;
+        if self.patched_layers > 0 {
+            write!(
+                f,
+                "\npatched layers:   {} ({} values, frozen)",
+                self.patched_layers,
+                group_digits(self.patch_params)
+            )?;
+        }
+        Ok(())
     }
 }
 

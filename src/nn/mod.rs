@@ -2,21 +2,26 @@
 //! in `models/resnet.py` and `models/normalization.py`): frozen convolution, group and layer
 //! norm, nearest upsampling, and the resnet blocks with their down/upsamplers.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::Tensor;
 
 pub mod resnet;
 
+use crate::lora::patch::{PatchSet, Patchable, WeightPatch};
 use crate::ops;
 use crate::weights::{Init, WeightSource};
 
-/// A 2-D convolution with square kernel, "same"-style padding and a bias.
+/// A 2-D convolution with square kernel, "same"-style padding and a bias. Loaded LoRA files
+/// (LoCon, LoHa, LoKr, DoRA, full) can patch its weight.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
+    /// Module path (the checkpoint key without `.weight`).
+    pub name: String,
     pub weight: Tensor,
     pub bias: Tensor,
     pub stride: usize,
     pub padding: usize,
+    patches: PatchSet,
 }
 
 impl Conv2d {
@@ -30,21 +35,57 @@ impl Conv2d {
     ) -> Result<Self> {
         let fan_in = cin * k * k;
         Ok(Self {
+            name: ws.prefix().to_string(),
             weight: ws.get((cout, cin, k, k), "weight", Init::FanIn(fan_in))?,
             bias: ws.get(cout, "bias", Init::FanIn(fan_in))?,
             stride,
             padding,
+            patches: PatchSet::default(),
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (w, b) = match self.patches.effective() {
+            Some((w, Some(b))) => (w, b),
+            Some((w, None)) => (w, &self.bias),
+            None => (&self.weight, &self.bias),
+        };
         Ok(ops::frozen_conv2d(
             x,
-            &self.weight,
-            Some(&self.bias),
+            w,
+            Some(b),
             self.padding,
             self.stride,
         )?)
+    }
+}
+
+impl Patchable for Conv2d {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn weight_shape(&self) -> Vec<usize> {
+        self.weight.dims().to_vec()
+    }
+    fn bias_len(&self) -> Option<usize> {
+        Some(self.bias.elem_count())
+    }
+    fn patches(&self) -> &PatchSet {
+        &self.patches
+    }
+    fn add_patch(&mut self, p: WeightPatch) -> Result<()> {
+        p.check(self.weight.dims(), self.bias_len())
+            .with_context(|| self.name.clone())?;
+        self.patches.push(p, &self.weight, Some(&self.bias))
+    }
+    fn update_patches(&mut self, f: &mut dyn FnMut(&mut WeightPatch)) -> Result<()> {
+        self.patches.update(&self.weight, Some(&self.bias), f)
+    }
+    fn clear_patches(&mut self) {
+        self.patches.clear();
+    }
+    fn is_conv(&self) -> bool {
+        true
     }
 }
 

@@ -8,7 +8,6 @@ use rand::SeedableRng;
 use std::path::{Path, PathBuf};
 
 use super::StableDiffusion;
-use crate::lora::LoraModel;
 use crate::scheduler::{Scheduler, SchedulerKind};
 
 /// Settings of one generation call. `Default` matches diffusers' pipeline defaults where they
@@ -207,10 +206,10 @@ impl StableDiffusion {
     ) -> Result<Vec<Images>> {
         let mut out = Vec::new();
         for &s in strengths {
-            self.unet.set_lora_scale(s)?;
+            self.set_lora_scale(s)?;
             out.push(self.generate(cfg)?);
         }
-        self.unet.set_lora_scale(1.0)?;
+        self.set_lora_scale(1.0)?;
         Ok(out)
     }
 }

@@ -3,6 +3,7 @@
 //! reloading anything.
 
 pub mod generate;
+pub mod lora;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};

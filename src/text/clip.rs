@@ -6,7 +6,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use serde::Deserialize;
 use std::path::Path;
 
-use crate::lora::{LoraLinear, LoraModel};
+use crate::lora::{Component, LoraLinear, LoraModel};
 use crate::nn::LayerNorm;
 use crate::ops;
 use crate::weights::{component_dir, open_weights, Init, ParamRecord, WeightSource};
@@ -303,5 +303,20 @@ impl LoraModel for ClipTextModel {
     }
     fn device(&self) -> &Device {
         &self.device
+    }
+    fn lora_component(&self) -> Component {
+        Component::TextEncoder
+    }
+    /// Files name the layers with `text_model.` (kohya's `lora_te_text_model_encoder_...`,
+    /// whatever the checkpoint's layout) or without: both resolve.
+    fn module_aliases(&self) -> Result<Vec<(String, String)>> {
+        Ok(self
+            .linear_names()?
+            .into_iter()
+            .map(|n| match n.strip_prefix("text_model.") {
+                Some(short) => (short.to_string(), n),
+                None => (format!("text_model.{n}"), n),
+            })
+            .collect())
     }
 }

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod blocks;
 pub mod config;
 pub mod embeddings;
+pub mod ldm_names;
 pub mod transformer_2d;
 
 use anyhow::{bail, Context, Result};
@@ -13,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 pub use config::{PerBlock, UNetConfig};
 
-use crate::lora::{LoraLinear, LoraModel};
-use crate::nn::{Conv2d, GroupNorm};
+use crate::lora::{Component, LoraLinear, LoraModel, Patchable};
+use crate::nn::{resnet as nn_resnet, Conv2d, GroupNorm};
 use crate::ops;
 use crate::weights::{open_weights, ParamRecord, WeightSource};
 use blocks::{BlockSpec, DownBlock, DownBlockShape, MidBlock, UpBlock, UpBlockShape};
@@ -316,5 +317,90 @@ impl LoraModel for UNet2DConditionModel {
 
     fn device(&self) -> &Device {
         &self.device
+    }
+
+    fn lora_component(&self) -> Component {
+        Component::Unet
+    }
+
+    /// CompVis/LDM names (`input_blocks.1.1...`), see [`ldm_names`].
+    fn module_aliases(&self) -> Result<Vec<(String, String)>> {
+        let mut names = Vec::new();
+        self.visit_patchables(&mut |p| {
+            names.push(p.name().to_string());
+            Ok(())
+        })?;
+        Ok(ldm_names::ldm_aliases(self, &names))
+    }
+
+    fn visit_patchables(&self, f: &mut dyn FnMut(&dyn Patchable) -> Result<()>) -> Result<()> {
+        self.visit_linears(&mut |l| f(l))?;
+        for c in self.convs() {
+            f(c)?;
+        }
+        Ok(())
+    }
+
+    fn for_each_patchable(
+        &mut self,
+        f: &mut dyn FnMut(&mut dyn Patchable) -> Result<()>,
+    ) -> Result<()> {
+        self.for_each_linear(&mut |l| f(l))?;
+        for c in self.convs_mut() {
+            f(c)?;
+        }
+        Ok(())
+    }
+}
+
+impl UNet2DConditionModel {
+    /// Every convolution (`conv_in`, the resnets', down/upsamplers', `conv_out`).
+    pub fn convs(&self) -> Vec<&Conv2d> {
+        let mut out = vec![&self.conv_in];
+        let resnets = self
+            .down_blocks
+            .iter()
+            .flat_map(|b| b.resnets.iter())
+            .chain(self.mid_block.resnets.iter())
+            .chain(self.up_blocks.iter().flat_map(|b| b.resnets.iter()));
+        for r in resnets {
+            out.extend([&r.conv1, &r.conv2]);
+            out.extend(r.conv_shortcut.as_ref());
+        }
+        out.extend(
+            self.down_blocks
+                .iter()
+                .filter_map(|b| b.downsampler.as_ref().map(|d| &d.conv)),
+        );
+        out.extend(
+            self.up_blocks
+                .iter()
+                .filter_map(|b| b.upsampler.as_ref().map(|u| &u.conv)),
+        );
+        out.push(&self.conv_out);
+        out
+    }
+
+    /// [`Self::convs`], mutably.
+    pub fn convs_mut(&mut self) -> Vec<&mut Conv2d> {
+        fn resnet_convs<'a>(out: &mut Vec<&'a mut Conv2d>, rs: &'a mut [nn_resnet::ResnetBlock2D]) {
+            for r in rs {
+                out.push(&mut r.conv1);
+                out.push(&mut r.conv2);
+                out.extend(r.conv_shortcut.as_mut());
+            }
+        }
+        let mut out = vec![&mut self.conv_in];
+        for b in &mut self.down_blocks {
+            resnet_convs(&mut out, &mut b.resnets);
+            out.extend(b.downsampler.as_mut().map(|d| &mut d.conv));
+        }
+        resnet_convs(&mut out, &mut self.mid_block.resnets);
+        for b in &mut self.up_blocks {
+            resnet_convs(&mut out, &mut b.resnets);
+            out.extend(b.upsampler.as_mut().map(|u| &mut u.conv));
+        }
+        out.push(&mut self.conv_out);
+        out
     }
 }

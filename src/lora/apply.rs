@@ -1,0 +1,289 @@
+//! Matching a [`LoraFile`] against models and accounting for every tensor: each entry is
+//! applied to a module, or is for a component the caller did not load (counted), or is
+//! refused with its name (unknown keys, modules the model lacks) unless a partial load was
+//! asked for, which then warns with the same names.
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use super::file::{list_names, LoraEntry, LoraFile};
+use super::keys::Component;
+use super::patch::AdapterKind;
+
+/// How to load a LoRA file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraLoad {
+    /// Adapter name (several files stack under different names). Default `default`.
+    pub adapter: String,
+    /// Strength (1 = as trained). Default 1.
+    pub strength: f64,
+    /// Load what matches and warn about the rest instead of refusing the file. Default false.
+    pub allow_partial: bool,
+}
+
+impl Default for LoraLoad {
+    fn default() -> Self {
+        Self {
+            adapter: super::DEFAULT_ADAPTER.to_string(),
+            strength: 1.0,
+            allow_partial: false,
+        }
+    }
+}
+
+impl LoraLoad {
+    pub fn named(adapter: &str) -> Self {
+        Self {
+            adapter: adapter.to_string(),
+            ..Self::default()
+        }
+    }
+    pub fn with_strength(mut self, s: f64) -> Self {
+        self.strength = s;
+        self
+    }
+    pub fn partial(mut self, allow: bool) -> Self {
+        self.allow_partial = allow;
+        self
+    }
+}
+
+/// The names under which a model's modules may appear in files: the diffusers path, its
+/// aliases (CompVis names, `text_model.` with or without), each also with `_` for `.`.
+#[derive(Debug, Clone)]
+pub struct ModuleIndex {
+    pub component: Component,
+    map: HashMap<String, String>,
+}
+
+impl ModuleIndex {
+    /// `modules` are the model's patchable module paths; `aliases` are (alias, module) pairs.
+    pub fn new(component: Component, modules: &[String], aliases: &[(String, String)]) -> Self {
+        let mut map = HashMap::new();
+        let mut add = |name: &str, module: &str| {
+            map.entry(name.to_string())
+                .or_insert_with(|| module.to_string());
+            map.entry(name.replace('.', "_"))
+                .or_insert_with(|| module.to_string());
+        };
+        for m in modules {
+            add(m, m);
+        }
+        for (a, m) in aliases {
+            add(a, m);
+        }
+        Self { component, map }
+    }
+
+    /// The module an entry's name resolves to.
+    pub fn resolve(&self, name: &str) -> Option<&str> {
+        self.map.get(name).map(|s| s.as_str())
+    }
+}
+
+/// Which entries of a file go to which module of one component.
+#[derive(Debug, Clone, Default)]
+pub struct LoraPlan {
+    /// (entry index in `file.entries`, module path) per loaded component.
+    pub targets: BTreeMap<Component, Vec<(usize, String)>>,
+    /// Entries for components that were not loaded: (component, entries, tensors).
+    pub not_loaded: BTreeMap<Component, (usize, usize)>,
+    /// Keys left out of a partial load (unknown keys and entries matching no module).
+    pub left_out: Vec<String>,
+}
+
+/// Matches `file` against `models`; refuses unknown keys and unmatched entries unless
+/// `allow_partial` (then they are in [`LoraPlan::left_out`]).
+pub fn plan(file: &LoraFile, models: &[&ModuleIndex], allow_partial: bool) -> Result<LoraPlan> {
+    let (mut out, unmatched) = match_entries(file, models)?;
+    let mut problems = Vec::new();
+    if !file.unknown.is_empty() {
+        problems.push(format!(
+            "{} tensor(s) of no known LoRA layout: {}",
+            file.unknown.len(),
+            list_names(&file.unknown, 5)
+        ));
+    }
+    if !unmatched.is_empty() {
+        problems.push(format!(
+            "{} adapter(s) for modules this model does not have (a LoRA for another architecture?): {}",
+            unmatched.len(),
+            list_names(&unmatched, 5)
+        ));
+    }
+    if !problems.is_empty() {
+        if !allow_partial {
+            bail!(
+                "{}: {}. Nothing was loaded; to load the rest anyway, pass --allow-partial-lora (API: LoraLoad::partial(true))",
+                file.path.display(),
+                problems.join("; ")
+            );
+        }
+        eprintln!(
+            "warning: {}: partial load, left out {}",
+            file.path.display(),
+            problems.join("; ")
+        );
+        out.left_out = file.unknown.clone();
+        out.left_out.extend(unmatched);
+    }
+    Ok(out)
+}
+
+/// Matches entries to modules without judging: the plan and the first key of each entry
+/// that matches no module of its (loaded) component.
+pub fn match_entries(file: &LoraFile, models: &[&ModuleIndex]) -> Result<(LoraPlan, Vec<String>)> {
+    let mut out = LoraPlan::default();
+    let mut unmatched: Vec<String> = Vec::new();
+    for (i, e) in file.entries.iter().enumerate() {
+        match models.iter().find(|m| m.component == e.component) {
+            None => {
+                let n = out.not_loaded.entry(e.component).or_default();
+                n.0 += 1;
+                n.1 += e.keys.len();
+            }
+            Some(m) => match m.resolve(&e.module) {
+                Some(module) => out
+                    .targets
+                    .entry(e.component)
+                    .or_default()
+                    .push((i, module.to_string())),
+                None => unmatched.push(describe(e)),
+            },
+        }
+    }
+    // two entries on one module (e.g. the same layer under two name layouts) would add twice
+    for list in out.targets.values() {
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for (i, m) in list {
+            if let Some(j) = seen.insert(m.as_str(), *i) {
+                bail!(
+                    "{}: `{}` and `{}` both adapt module `{m}`",
+                    file.path.display(),
+                    file.entries[j].keys[0],
+                    file.entries[*i].keys[0]
+                );
+            }
+        }
+    }
+    Ok((out, unmatched))
+}
+
+fn describe(e: &LoraEntry) -> String {
+    e.keys.first().cloned().unwrap_or_else(|| e.module.clone())
+}
+
+/// What loading a file did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LoraApplied {
+    pub adapter: String,
+    /// Applied layers per (component, kind, convolution?, DoRA?).
+    pub applied: BTreeMap<String, usize>,
+    /// Entries and tensors for components not loaded here.
+    pub not_loaded: Vec<(String, usize, usize)>,
+    /// Keys left out of a partial load.
+    pub left_out: Vec<String>,
+}
+
+impl LoraApplied {
+    pub(crate) fn new(file: &LoraFile, plan: &LoraPlan, adapter: &str) -> Self {
+        let mut applied = BTreeMap::new();
+        for (c, list) in &plan.targets {
+            for (i, _) in list {
+                let e = &file.entries[*i];
+                *applied.entry(layer_kind(*c, e)).or_default() += 1;
+            }
+        }
+        Self {
+            adapter: adapter.to_string(),
+            applied,
+            not_loaded: plan
+                .not_loaded
+                .iter()
+                .map(|(c, (n, k))| (c.to_string(), *n, *k))
+                .collect(),
+            left_out: plan.left_out.clone(),
+        }
+    }
+
+    /// Layers applied in all.
+    pub fn layers(&self) -> usize {
+        self.applied.values().sum()
+    }
+}
+
+/// `UNet conv LoHa`, `text encoder linear LoRA+DoRA`, ...
+pub fn layer_kind(c: Component, e: &LoraEntry) -> String {
+    format!(
+        "{c} {} {}{}",
+        if e.is_spatial() { "conv" } else { "linear" },
+        e.kind(),
+        if e.dora_scale.is_some() { "+DoRA" } else { "" }
+    )
+}
+
+impl std::fmt::Display for LoraApplied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self
+            .applied
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect();
+        write!(
+            f,
+            "LoRA `{}`: {} layers ({})",
+            self.adapter,
+            self.layers(),
+            parts.join(", ")
+        )?;
+        for (c, n, k) in &self.not_loaded {
+            write!(
+                f,
+                "; {n} {c} adapters ({k} tensors) not used: that component is not loaded"
+            )?;
+        }
+        if !self.left_out.is_empty() {
+            write!(f, "; left out: {}", list_names(&self.left_out, 5))?;
+        }
+        Ok(())
+    }
+}
+
+/// Modules of a set (helper for callers that need membership).
+pub(crate) fn set_of(v: &[String]) -> HashSet<&str> {
+    v.iter().map(|s| s.as_str()).collect()
+}
+
+/// The kind counts of a file's entries for `inspect-lora`: (component, kind, conv, DoRA) ->
+/// (layers, ranks, alphas).
+pub fn kind_table(file: &LoraFile) -> BTreeMap<String, (usize, Vec<usize>, Vec<String>)> {
+    let mut t: BTreeMap<String, (usize, Vec<usize>, Vec<String>)> = BTreeMap::new();
+    for e in &file.entries {
+        let row = t.entry(layer_kind(e.component, e)).or_default();
+        row.0 += 1;
+        if let Some(r) = e.weights.rank() {
+            if !row.1.contains(&r) {
+                row.1.push(r);
+            }
+        }
+        let a = e
+            .effective_alpha()
+            .map_or("-".to_string(), |a| format!("{a}"));
+        if !row.2.contains(&a) {
+            row.2.push(a);
+        }
+    }
+    for row in t.values_mut() {
+        row.1.sort();
+    }
+    t
+}
+
+/// Whether an entry kind exists in the file (for `convert`).
+pub fn kinds(file: &LoraFile) -> Vec<AdapterKind> {
+    let mut k: Vec<AdapterKind> = file.entries.iter().map(|e| e.kind()).collect();
+    k.sort();
+    k.dedup();
+    k
+}

@@ -1,0 +1,480 @@
+//! Weight patches: the adapters of LoRA files that are not a plain trainable `B·A` on a linear
+//! layer (LoCon on convolutions, Tucker LoCon, LoHa, LoKr, DoRA, full differences). Each one
+//! rebuilds its `ΔW` exactly as LyCORIS' forward does (`lycoris-lora` 4.x, the reference our
+//! fixtures come from) and the layer computes with `W' = patches(W)`, kept beside the exact base
+//! weight so that strength changes and removal are exact.
+//!
+//! Semantics, per patch at strength `s` (applied in load order, as ComfyUI patches weights):
+//! - additive kinds: `W' = W + s·ΔW`, `b' = b + s·Δb` (full `diff_b` only);
+//! - with a DoRA magnitude `m`: `V = W + ΔW`, `W_d = V · m / (‖V‖ + ε)` with the norm per output
+//!   row (`m` shaped `[out, 1, ..]`, LyCORIS >= 3.2 and PEFT) or per input column (`m` shaped
+//!   `[1, in, ..]`, older LyCORIS and most files in circulation), `ε` = f32 epsilon, then
+//!   `W' = W + s·(W_d − W)`. At `s = 1` this is LyCORIS' and ComfyUI's result; for `s ≠ 1` we
+//!   follow ComfyUI/A1111 (a linear blend, `s = 0` is the base model) rather than LyCORIS'
+//!   `V·(s·(m/‖V‖ − 1) + 1)`, which keeps the full `ΔW` even at `s = 0`.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+/// One factor of a LoKr Kronecker product: stored whole or as `a·b`.
+#[derive(Debug, Clone)]
+pub enum KronFactor {
+    Full(Tensor),
+    /// `a [o, r]`, `b [r, i]` (or `b [r, i, k, k]` for the second factor of a conv).
+    LowRank(Tensor, Tensor),
+}
+
+/// The tensors of one adapter, as the file stores them (any dtype; converted at use).
+#[derive(Debug, Clone)]
+pub enum PatchWeights {
+    /// LoRA / LoCon: `up [out, r(,1,1)]`, `down [r, in(,k,k)]`; with `mid [r, r, k, k]` Tucker
+    /// LoCon (`down [r, in, 1, 1]`).
+    Lora {
+        down: Tensor,
+        up: Tensor,
+        mid: Option<Tensor>,
+    },
+    /// LoHa: `(w1a·w1b) ⊙ (w2a·w2b)`; with `t1`/`t2` the Tucker form (`w*a [r, out]`,
+    /// `w*b [r, in]`).
+    LoHa {
+        w1a: Tensor,
+        w1b: Tensor,
+        w2a: Tensor,
+        w2b: Tensor,
+        t: Option<(Tensor, Tensor)>,
+    },
+    /// LoKr: `kron(w1, w2)`, `w2` optionally Tucker (`t2`).
+    LoKr {
+        w1: KronFactor,
+        w2: KronFactor,
+        t2: Option<Tensor>,
+    },
+    /// A full difference `diff` (and bias difference `diff_b`).
+    Full {
+        diff: Tensor,
+        diff_b: Option<Tensor>,
+    },
+}
+
+/// The kinds of adapter a file can hold (for reports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum AdapterKind {
+    Lora,
+    LoHa,
+    LoKr,
+    Full,
+}
+
+impl std::fmt::Display for AdapterKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AdapterKind::Lora => "LoRA",
+            AdapterKind::LoHa => "LoHa",
+            AdapterKind::LoKr => "LoKr",
+            AdapterKind::Full => "full",
+        })
+    }
+}
+
+impl PatchWeights {
+    pub fn kind(&self) -> AdapterKind {
+        match self {
+            PatchWeights::Lora { .. } => AdapterKind::Lora,
+            PatchWeights::LoHa { .. } => AdapterKind::LoHa,
+            PatchWeights::LoKr { .. } => AdapterKind::LoKr,
+            PatchWeights::Full { .. } => AdapterKind::Full,
+        }
+    }
+
+    /// The rank `alpha` is divided by; `None` where alpha does not apply (full differences,
+    /// LoKr with both factors whole).
+    pub fn rank(&self) -> Option<usize> {
+        match self {
+            PatchWeights::Lora { down, .. } => down.dims().first().copied(),
+            PatchWeights::LoHa { w1b, .. } => w1b.dims().first().copied(),
+            // the first dimension of `w1_b`, else of `w2_b` (ComfyUI's rule, and LyCORIS' at
+            // training time; LyCORIS' file loader reads `w2_a.size(1)`, which for Tucker
+            // factors is the output size, not the rank)
+            PatchWeights::LoKr { w1, w2, .. } => match (w1, w2) {
+                (KronFactor::LowRank(_, b), _) | (_, KronFactor::LowRank(_, b)) => {
+                    b.dims().first().copied()
+                }
+                _ => None,
+            },
+            PatchWeights::Full { .. } => None,
+        }
+    }
+
+    /// The multiplier of the rebuilt product: `alpha / rank` (alpha absent or 0 means
+    /// alpha = rank, as kohya and LyCORIS read it), 1 for full differences and whole LoKr.
+    pub fn alpha_scale(&self, alpha: Option<f64>) -> f64 {
+        match self.rank() {
+            None => 1.0,
+            Some(r) => match alpha {
+                Some(a) if a != 0.0 => a / r as f64,
+                _ => 1.0,
+            },
+        }
+    }
+
+    /// The number of stored values.
+    pub fn num_params(&self) -> usize {
+        let n = |t: &Tensor| t.elem_count();
+        let f = |k: &KronFactor| match k {
+            KronFactor::Full(t) => n(t),
+            KronFactor::LowRank(a, b) => n(a) + n(b),
+        };
+        match self {
+            PatchWeights::Lora { down, up, mid } => n(down) + n(up) + mid.as_ref().map_or(0, n),
+            PatchWeights::LoHa {
+                w1a,
+                w1b,
+                w2a,
+                w2b,
+                t,
+            } => n(w1a) + n(w1b) + n(w2a) + n(w2b) + t.as_ref().map_or(0, |(a, b)| n(a) + n(b)),
+            PatchWeights::LoKr { w1, w2, t2 } => f(w1) + f(w2) + t2.as_ref().map_or(0, n),
+            PatchWeights::Full { diff, diff_b } => n(diff) + diff_b.as_ref().map_or(0, n),
+        }
+    }
+
+    /// `ΔW` without alpha, f32 on `device`, in its natural shape (`[out, in(, k, k)]`).
+    fn product(&self, device: &Device) -> Result<Tensor> {
+        let f = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.to_dtype(DType::F32)?) };
+        let flat = |t: &Tensor| -> Result<Tensor> {
+            let t = f(t)?;
+            let d0 = t.dim(0)?;
+            Ok(t.reshape((d0, ()))?)
+        };
+        Ok(match self {
+            PatchWeights::Lora { down, up, mid } => {
+                let u = flat(up)?;
+                match mid {
+                    None => {
+                        let d = flat(down)?;
+                        let mut shape = vec![u.dim(0)?];
+                        shape.extend_from_slice(&down.dims()[1..]);
+                        u.matmul(&d)?.reshape(shape)?
+                    }
+                    Some(m) => tucker(&f(m)?, &u.t()?, &flat(down)?)?,
+                }
+            }
+            PatchWeights::LoHa {
+                w1a,
+                w1b,
+                w2a,
+                w2b,
+                t,
+            } => match t {
+                None => {
+                    let p1 = flat(w1a)?.matmul(&flat(w1b)?)?;
+                    let p2 = flat(w2a)?.matmul(&flat(w2b)?)?;
+                    (p1 * p2)?
+                }
+                Some((t1, t2)) => {
+                    let p1 = tucker(&f(t1)?, &f(w1a)?, &f(w1b)?)?;
+                    let p2 = tucker(&f(t2)?, &f(w2a)?, &f(w2b)?)?;
+                    (p1 * p2)?
+                }
+            },
+            PatchWeights::LoKr { w1, w2, t2 } => {
+                let w1 = match w1 {
+                    KronFactor::Full(t) => f(t)?,
+                    KronFactor::LowRank(a, b) => f(a)?.matmul(&flat(b)?)?,
+                };
+                let w2 = match (w2, t2) {
+                    (KronFactor::Full(t), _) => f(t)?,
+                    (KronFactor::LowRank(a, b), None) => {
+                        let mut shape = vec![a.dim(0)?];
+                        shape.extend_from_slice(&b.dims()[1..]);
+                        f(a)?.matmul(&flat(b)?)?.reshape(shape)?
+                    }
+                    (KronFactor::LowRank(a, b), Some(t)) => tucker(&f(t)?, &f(a)?, &f(b)?)?,
+                };
+                kron(&w1, &w2)?
+            }
+            PatchWeights::Full { diff, .. } => f(diff)?,
+        })
+    }
+}
+
+/// `Σ_ij t[i, j, ..] a[i, p] b[j, q]` -> `[p, q, ..]` (LyCORIS' `rebuild_tucker`):
+/// `t [r1, r2, ..]`, `a [r1, out]`, `b [r2, in]`.
+fn tucker(t: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    if dims.len() < 2 {
+        bail!("a Tucker core must have at least 2 dimensions, got {dims:?}");
+    }
+    let (r1, r2) = (dims[0], dims[1]);
+    let spatial: Vec<usize> = dims[2..].to_vec();
+    let s: usize = spatial.iter().product();
+    let (p, q) = (a.dim(1)?, b.dim(1)?);
+    // [S, r1, r2]
+    let ts = t.reshape((r1, r2, s))?.permute((2, 0, 1))?.contiguous()?;
+    let at = a
+        .t()?
+        .contiguous()?
+        .unsqueeze(0)?
+        .broadcast_as((s, p, r1))?;
+    let bb = b.contiguous()?.unsqueeze(0)?.broadcast_as((s, r2, q))?;
+    let out = at.contiguous()?.matmul(&ts)?.matmul(&bb.contiguous()?)?; // [S, p, q]
+    let out = out.permute((1, 2, 0))?.contiguous()?;
+    let mut shape = vec![p, q];
+    shape.extend(spatial);
+    Ok(out.reshape(shape)?)
+}
+
+/// `torch.kron(w1, w2)` with `w1 [o1, i1]` and `w2 [o2, i2, ..]` -> `[o1·o2, i1·i2, ..]`.
+fn kron(w1: &Tensor, w2: &Tensor) -> Result<Tensor> {
+    let (o1, i1) = w1.dims2().context("the first LoKr factor must be 2-D")?;
+    let d2 = w2.dims().to_vec();
+    if d2.len() < 2 {
+        bail!("the second LoKr factor must be at least 2-D, got {d2:?}");
+    }
+    let (o2, i2) = (d2[0], d2[1]);
+    let rest = &d2[2..];
+    let ones = vec![1usize; rest.len()];
+    let mut s1 = vec![o1, 1, i1, 1];
+    s1.extend(&ones);
+    let mut s2 = vec![1, o2, 1, i2];
+    s2.extend(rest);
+    let prod = w1.reshape(s1)?.broadcast_mul(&w2.reshape(s2)?)?;
+    let mut shape = vec![o1 * o2, i1 * i2];
+    shape.extend(rest);
+    Ok(prod.reshape(shape)?)
+}
+
+/// A loaded adapter that patches a layer's weight (see the module docs).
+#[derive(Debug, Clone)]
+pub struct WeightPatch {
+    /// The adapter (file) name, shared with the file's plain LoRA layers.
+    pub adapter: String,
+    pub weights: PatchWeights,
+    /// The file's alpha (`None`: not stored).
+    pub alpha: Option<f64>,
+    /// DoRA magnitude (`[out, 1, ..]` or `[1, in, ..]`, or PEFT's `[out]`).
+    pub dora_scale: Option<Tensor>,
+    /// Runtime strength (1 = as trained).
+    pub scale: f64,
+    pub enabled: bool,
+}
+
+impl WeightPatch {
+    pub fn new(
+        adapter: &str,
+        weights: PatchWeights,
+        alpha: Option<f64>,
+        dora: Option<Tensor>,
+    ) -> Self {
+        Self {
+            adapter: adapter.to_string(),
+            weights,
+            alpha,
+            dora_scale: dora,
+            scale: 1.0,
+            enabled: true,
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.enabled && self.scale != 0.0
+    }
+
+    /// `ΔW·(alpha/rank)`, f32, reshaped to `shape` (the layer's weight shape).
+    pub fn delta(&self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let d = self.weights.product(device)?;
+        let n: usize = shape.iter().product();
+        if d.elem_count() != n {
+            bail!(
+                "the {} adapter rebuilds a weight of shape {:?}, the layer's is {:?}",
+                self.weights.kind(),
+                d.dims(),
+                shape
+            );
+        }
+        Ok((d.reshape(shape)? * self.weights.alpha_scale(self.alpha))?)
+    }
+
+    /// Checks the patch against a layer's weight shape (so that loading fails early and
+    /// names the layer, not at the first forward).
+    pub fn check(&self, shape: &[usize], bias: Option<usize>) -> Result<()> {
+        let dev = Device::Cpu;
+        let _ = self.delta(shape, &dev)?;
+        if let Some(m) = &self.dora_scale {
+            dora_magnitude(m, shape)?;
+        }
+        if let PatchWeights::Full {
+            diff_b: Some(db), ..
+        } = &self.weights
+        {
+            match bias {
+                Some(n) if db.elem_count() == n => {}
+                Some(n) => bail!(
+                    "diff_b has {} values, the layer's bias {n}",
+                    db.elem_count()
+                ),
+                None => bail!("diff_b given for a layer without bias"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the patch (at its strength) to an f32 weight and bias.
+    pub fn apply(&self, w: &Tensor, b: Option<Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+        let s = self.scale;
+        let dw = self.delta(w.dims(), w.device())?;
+        let b = match (&self.weights, b) {
+            (
+                PatchWeights::Full {
+                    diff_b: Some(db), ..
+                },
+                Some(b),
+            ) => {
+                let db = db.to_device(b.device())?.to_dtype(DType::F32)?;
+                let db = (db.reshape(b.shape())? * s)?;
+                Some((b + db)?)
+            }
+            (_, b) => b,
+        };
+        let w = match &self.dora_scale {
+            None => (w + (dw * s)?)?,
+            Some(m) => {
+                let (m, on_out) = dora_magnitude(m, w.dims())?;
+                let m = m.to_device(w.device())?.to_dtype(DType::F32)?;
+                let v = (w + dw)?;
+                let norm = if on_out {
+                    let out = w.dim(0)?;
+                    let n = v
+                        .reshape((out, ()))?
+                        .sqr()?
+                        .sum_keepdim(D::Minus1)?
+                        .sqrt()?;
+                    n.reshape(m.shape())?
+                } else {
+                    // per input column: norm over the output axis and the kernel
+                    let (out, inp) = (w.dim(0)?, w.dim(1)?);
+                    let n = v
+                        .reshape((out, inp, ()))?
+                        .sqr()?
+                        .sum_keepdim(2)?
+                        .sum_keepdim(0)?
+                        .sqrt()?;
+                    n.reshape(m.shape())?
+                };
+                let norm = (norm + f32::EPSILON as f64)?;
+                let wd = v.broadcast_mul(&m.broadcast_div(&norm)?)?;
+                (w + ((wd - w)? * s)?)?
+            }
+        };
+        Ok((w, b))
+    }
+}
+
+/// The DoRA magnitude reshaped to broadcast against a weight of `shape`, and whether it is on
+/// the output axis.
+fn dora_magnitude(m: &Tensor, shape: &[usize]) -> Result<(Tensor, bool)> {
+    let (out, inp) = (shape[0], shape.get(1).copied().unwrap_or(1));
+    let mut s = vec![1usize; shape.len()];
+    let dims = m.dims();
+    let n = m.elem_count();
+    let on_out = if n == out && (dims.first() == Some(&out) || dims.len() == 1) {
+        s[0] = out;
+        true
+    } else if n == inp && dims.len() >= 2 && dims[0] == 1 {
+        s[1] = inp;
+        false
+    } else {
+        bail!(
+            "dora_scale {dims:?} fits neither the output axis ([{out}, 1, ..]) nor the input axis ([1, {inp}, ..]) of a weight {shape:?}"
+        );
+    };
+    Ok((m.reshape(s)?, on_out))
+}
+
+/// The patches of one layer and the weight they produce.
+#[derive(Debug, Clone, Default)]
+pub struct PatchSet {
+    patches: Vec<WeightPatch>,
+    effective: Option<(Tensor, Option<Tensor>)>,
+}
+
+impl PatchSet {
+    pub fn list(&self) -> &[WeightPatch] {
+        &self.patches
+    }
+    pub fn is_empty(&self) -> bool {
+        self.patches.is_empty()
+    }
+    /// The patched weight and bias, when a patch is active.
+    pub fn effective(&self) -> Option<&(Tensor, Option<Tensor>)> {
+        self.effective.as_ref()
+    }
+
+    /// Adds a patch (checked by the caller) and recomputes.
+    pub fn push(&mut self, p: WeightPatch, base: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+        self.patches.push(p);
+        self.refresh(base, bias)
+    }
+
+    /// Changes patches (strength, on/off) through `f`, then recomputes.
+    pub fn update(
+        &mut self,
+        base: &Tensor,
+        bias: Option<&Tensor>,
+        f: &mut dyn FnMut(&mut WeightPatch),
+    ) -> Result<()> {
+        if self.patches.is_empty() {
+            return Ok(());
+        }
+        self.patches.iter_mut().for_each(f);
+        self.refresh(base, bias)
+    }
+
+    /// Drops every patch.
+    pub fn clear(&mut self) {
+        self.patches.clear();
+        self.effective = None;
+    }
+
+    /// Recomputes the patched weight from `base` (after the base weight changed, e.g. a merge).
+    pub fn refresh(&mut self, base: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+        if !self.patches.iter().any(|p| p.is_active()) {
+            self.effective = None;
+            return Ok(());
+        }
+        let mut w = base.to_dtype(DType::F32)?;
+        let mut b = match bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?),
+            None => None,
+        };
+        for p in self.patches.iter().filter(|p| p.is_active()) {
+            (w, b) = p.apply(&w, b)?;
+        }
+        let b = match b {
+            Some(b) => Some(b.to_dtype(base.dtype())?),
+            None => None,
+        };
+        self.effective = Some((w.to_dtype(base.dtype())?, b));
+        Ok(())
+    }
+}
+
+/// A layer whose weight loaded adapters can patch: every `LoraLinear` and the UNet's
+/// convolutions.
+pub trait Patchable {
+    /// Module path (diffusers checkpoint key without `.weight`).
+    fn name(&self) -> &str;
+    /// The weight's shape as the layer uses it (`[out, in]` or `[out, in, k, k]`).
+    fn weight_shape(&self) -> Vec<usize>;
+    /// The bias length, if the layer has one.
+    fn bias_len(&self) -> Option<usize>;
+    fn patches(&self) -> &PatchSet;
+    /// Adds a patch (checked against the layer first).
+    fn add_patch(&mut self, p: WeightPatch) -> Result<()>;
+    /// Changes the patches through `f` and recomputes the weight.
+    fn update_patches(&mut self, f: &mut dyn FnMut(&mut WeightPatch)) -> Result<()>;
+    /// Removes every patch (the base weight is used again).
+    fn clear_patches(&mut self);
+    /// True for convolutions with a k x k kernel (k > 1) or 1x1 convolutions.
+    fn is_conv(&self) -> bool;
+}

@@ -1,0 +1,261 @@
+//! LoRA files from the wild (issue 18), fixtures from tests/golden/make_golden_lycoris.py:
+//! every LyCORIS kind written by `lycoris-lora` and applied by its forward, diffusers'
+//! `save_lora_weights` with alpha != rank, and a text-encoder + UNet kohya file applied by
+//! diffusers to the whole pipeline. UNet outputs within 1e-4 relative, images >= 40 dB PSNR.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use common::{golden, load, rel_err, tiny_pipeline};
+use sd_lora::lora::{LoraFile, LoraLoad, LoraModel};
+use sd_lora::pipeline::{GenerateConfig, StableDiffusion};
+use sd_lora::scheduler::SchedulerKind;
+use sd_lora::unet::UNet2DConditionModel;
+use std::collections::HashMap;
+
+const TOL: f32 = 1e-4;
+
+const KINDS: &[&str] = &[
+    "locon",
+    "locon_tucker",
+    "loha",
+    "loha_tucker",
+    "lokr",
+    "lokr_full",
+    "lokr_tucker",
+    "dora_out",
+    "dora_in",
+    "full",
+    "locon_f16",
+    "loha_bf16",
+];
+
+fn unet() -> UNet2DConditionModel {
+    UNet2DConditionModel::load(golden("unet_a"), None, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn run(u: &UNet2DConditionModel) -> Tensor {
+    let t = load("unet_a/inputs_square_b2.safetensors");
+    u.forward(&t["sample"], &t["timestep"], &t["encoder_hidden_states"])
+        .unwrap()
+}
+
+fn reference(name: &str) -> Tensor {
+    load(&format!("lycoris/{name}_out.safetensors"))["sample"].clone()
+}
+
+#[test]
+fn every_lycoris_kind_matches_lycoris() {
+    let base = run(&unet());
+    for name in KINDS {
+        let mut u = unet();
+        let file = LoraFile::open(golden(&format!("lycoris/{name}.safetensors"))).unwrap();
+        assert!(file.unknown.is_empty(), "{name}: {:?}", file.unknown);
+        let applied = u
+            .load_lora_file(&file, &LoraLoad::default(), &VarMap::new())
+            .unwrap();
+        assert_eq!(
+            applied.layers(),
+            file.entries.len(),
+            "{name}: every entry applied"
+        );
+        let y = run(&u);
+        let want = reference(name);
+        let e = rel_err(&y, &want);
+        let effect = rel_err(&base, &want);
+        println!(
+            "{name}: {applied}\n  rel err {e:.2e} (the adapter moves the output by {effect:.2e})"
+        );
+        assert!(e <= TOL, "{name}: rel err {e}");
+        assert!(effect > 1e-2, "{name}: the fixture must change the output");
+
+        // strength 0 is the base model, exactly; back at 1 it is the reference again
+        u.set_lora_scale(0.0).unwrap();
+        assert_eq!(rel_err(&run(&u), &base), 0.0, "{name}: strength 0");
+        u.set_lora_scale(1.0).unwrap();
+        assert!(rel_err(&run(&u), &want) <= TOL, "{name}: strength 1 again");
+        // merge (the plain LoRA layers) and unmerge keep the result; removal restores the base
+        u.merge_lora().unwrap();
+        assert!(rel_err(&run(&u), &want) <= TOL, "{name}: merged");
+        u.unmerge_lora().unwrap();
+        u.remove_lora().unwrap();
+        assert_eq!(rel_err(&run(&u), &base), 0.0, "{name}: removed");
+    }
+}
+
+#[test]
+fn diffusers_alpha_metadata_is_honoured_for_new_and_old_keys() {
+    let want = reference("diffusers_alpha8");
+    for f in ["diffusers_alpha8", "diffusers_alpha8_old_keys"] {
+        let mut u = unet();
+        let file = LoraFile::open(golden(&format!("lycoris/{f}.safetensors"))).unwrap();
+        u.apply_lora_file(&file, &VarMap::new()).unwrap();
+        assert!(file.entries.iter().all(|e| e.alpha == Some(8.0)), "{f}");
+        let e = rel_err(&run(&u), &want);
+        println!("{f}: rel err {e:.2e}");
+        assert!(e <= TOL, "{f}: rel err {e}");
+    }
+}
+
+fn tensors_of(name: &str) -> (HashMap<String, Tensor>, HashMap<String, String>) {
+    let path = golden(&format!("lycoris/{name}.safetensors"));
+    let f = LoraFile::open(&path).unwrap();
+    let t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    (t, f.metadata)
+}
+
+fn write(dir: &std::path::Path, name: &str, t: &HashMap<String, Tensor>) -> std::path::PathBuf {
+    let p = dir.join(name);
+    candle_core::safetensors::save(t, &p).unwrap();
+    p
+}
+
+#[test]
+fn unknown_or_unmatched_keys_are_refused_by_name_unless_partial() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut t, _) = tensors_of("locon");
+    let extra = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
+    t.insert("lora_unet_conv_in.mystery_weight".into(), extra.clone());
+    let unknown = write(tmp.path(), "unknown.safetensors", &t);
+    t.remove("lora_unet_conv_in.mystery_weight");
+    t.insert(
+        "lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight".into(),
+        extra.clone(),
+    );
+    t.insert(
+        "lora_unet_down_blocks_7_attentions_0_proj_in.lora_up.weight".into(),
+        extra,
+    );
+    let unmatched = write(tmp.path(), "unmatched.safetensors", &t);
+    for (path, key) in [
+        (&unknown, "lora_unet_conv_in.mystery_weight"),
+        (
+            &unmatched,
+            "lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight",
+        ),
+    ] {
+        let file = LoraFile::open(path).unwrap();
+        let mut u = unet();
+        let err = u
+            .load_lora_file(&file, &LoraLoad::default(), &VarMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(key) && err.contains("--allow-partial-lora"),
+            "{err}"
+        );
+        assert_eq!(
+            u.lora_summary().unwrap().patched_layers,
+            0,
+            "nothing loaded"
+        );
+        let applied = u
+            .load_lora_file(&file, &LoraLoad::default().partial(true), &VarMap::new())
+            .unwrap();
+        assert_eq!(applied.left_out, vec![key.to_string()]);
+        assert!(rel_err(&run(&u), &reference("locon")) <= TOL);
+    }
+}
+
+#[test]
+fn compvis_and_diffusion_model_names_resolve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (t, _) = tensors_of("locon");
+    let u = unet();
+    let aliases: HashMap<String, String> = u
+        .module_aliases()
+        .unwrap()
+        .into_iter()
+        .map(|(ldm, d)| (d.replace('.', "_"), ldm))
+        .collect();
+    let (mut underscored, mut dotted) = (HashMap::new(), HashMap::new());
+    for (k, v) in &t {
+        let (stem, part) = k.split_once('.').unwrap();
+        let module = stem.strip_prefix("lora_unet_").unwrap();
+        let ldm = &aliases[module];
+        underscored.insert(
+            format!("lora_unet_{}.{part}", ldm.replace('.', "_")),
+            v.clone(),
+        );
+        dotted.insert(format!("diffusion_model.{ldm}.{part}"), v.clone());
+    }
+    assert!(underscored
+        .keys()
+        .any(|k| k.contains("input_blocks_1_1_proj_in")));
+    for (name, t) in [("a1111", underscored), ("comfy", dotted)] {
+        let p = write(tmp.path(), &format!("{name}.safetensors"), &t);
+        let mut u = unet();
+        u.apply_lora_file(&LoraFile::open(&p).unwrap(), &VarMap::new())
+            .unwrap();
+        let e = rel_err(&run(&u), &reference("locon"));
+        assert!(e <= TOL, "{name}: {e}");
+    }
+}
+
+#[test]
+fn text_encoder_and_unet_parts_match_diffusers_pipeline() {
+    let dir = tiny_pipeline();
+    let mut sd =
+        StableDiffusion::from_folder(dir.path(), Some("fp16"), DType::F32, &Device::Cpu).unwrap();
+    let r = load("tiny_pipeline/reference.safetensors");
+    let cfg = GenerateConfig {
+        prompt: "a red circle on a blue background".into(),
+        negative_prompt: "blurry, low quality".into(),
+        steps: 6,
+        guidance: 5.0,
+        scheduler: SchedulerKind::Ddim,
+        width: 32,
+        height: 32,
+        num_images: 2,
+        latents: Some(r["pipe.latents"].clone()),
+        ..Default::default()
+    };
+    let path = golden("lycoris/te_unet_kohya.safetensors");
+    // the UNet alone reports the text-encoder part and applies the rest
+    let mut unet_only = sd.unet.clone();
+    let applied = unet_only
+        .load_lora_file(
+            &LoraFile::open(&path).unwrap(),
+            &LoraLoad::default(),
+            &VarMap::new(),
+        )
+        .unwrap();
+    assert_eq!(applied.not_loaded.len(), 1, "{applied}");
+    assert!(applied.to_string().contains("text encoder"), "{applied}");
+
+    let applied = sd.load_lora(&path, &LoraLoad::default()).unwrap();
+    println!("{applied}");
+    assert!(applied.not_loaded.is_empty() && applied.left_out.is_empty());
+    assert!(applied
+        .applied
+        .keys()
+        .any(|k| k.starts_with("text encoder")));
+    let want = &load("lycoris/te_unet_kohya_image.safetensors")["image"];
+    let img = sd.generate(&cfg).unwrap();
+    let p = psnr(&img.pixels, want);
+    let without_te = {
+        sd.text_encoder.set_lora_scale(0.0).unwrap();
+        let i = sd.generate(&cfg).unwrap();
+        sd.text_encoder.set_lora_scale(1.0).unwrap();
+        psnr(&i.pixels, want)
+    };
+    println!("PSNR with TE+UNet parts {p:.1} dB; UNet part only {without_te:.1} dB");
+    assert!(p >= 40.0, "PSNR {p}");
+    assert!(
+        without_te < 35.0,
+        "the text-encoder part matters: {without_te}"
+    );
+}
+
+fn psnr(a: &Tensor, b: &Tensor) -> f64 {
+    let mse = (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    10.0 * (1.0 / mse.max(1e-20)).log10()
+}
