@@ -249,9 +249,78 @@ fn convert_and_inspect_lora_files() {
     assert!(
         o.status.success()
             && text.contains("Kohya")
-            && text.contains("layers:      84")
-            && text.contains("rank:        2, 4"),
+            && text.contains("UNet conv LoRA: 14 layers, rank 4, alpha 6")
+            && text.contains("UNet linear LoRA: 70 layers, rank 2/4")
+            && text.contains("84 of 84 adapters"),
         "{text}"
+    );
+    // a LyCORIS file: kinds per component and layer type, matched against the model
+    let loha = golden("lycoris/loha_tucker.safetensors");
+    let o = sd_lora(&["inspect-lora", loha.to_str().unwrap(), "--model", m]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success()
+            && text.contains("UNet conv LoHa: 49 layers, rank 2/3")
+            && text.contains("UNet linear LoHa: 83 layers, rank 3")
+            && text.contains("132 of 132 adapters"),
+        "{text}"
+    );
+    // against another structure (same module names, other sizes): the misfits are named
+    let o = sd_lora(&["inspect-lora", loha.to_str().unwrap(), "--model", "tiny"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && text.contains("SHAPE MISMATCH"),
+        "{text}"
+    );
+    // convert cannot express LoHa: refused, nothing written
+    let o = sd_lora(&[
+        "convert",
+        loha.to_str().unwrap(),
+        "--to",
+        "peft",
+        "--out",
+        dir.path().join("loha_peft.safetensors").to_str().unwrap(),
+        "--model",
+        m,
+    ]);
+    fails_with(&o, &["LoHa", "not plain LoRA"]);
+    assert!(!dir.path().join("loha_peft.safetensors").exists());
+    // unet-forward refuses a file with an unknown key, and loads it with --allow-partial-lora
+    let mut t = candle_core::safetensors::load(&kohya, &Device::Cpu).unwrap();
+    t.insert(
+        "lora_unet_something_new.weird".into(),
+        candle_core::Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let odd = dir.path().join("odd.safetensors");
+    candle_core::safetensors::save(&t, &odd).unwrap();
+    let inputs = golden("unet_a/inputs_square_b2.safetensors");
+    let fwd = |extra: &[&str]| {
+        let out = dir.path().join("fwd.safetensors");
+        let mut args = vec![
+            "unet-forward",
+            "--model",
+            m,
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--lora",
+            odd.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        sd_lora(&args)
+    };
+    fails_with(
+        &fwd(&[]),
+        &["lora_unet_something_new.weird", "--allow-partial-lora"],
+    );
+    let o = fwd(&["--allow-partial-lora"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success()
+            && err.contains("warning")
+            && err.contains("lora_unet_something_new.weird"),
+        "{err}"
     );
     // kohya -> peft -> kohya, each loads to diffusers' LoRA output
     let peft = dir.path().join("p.safetensors");

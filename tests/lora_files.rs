@@ -87,6 +87,27 @@ fn every_lycoris_kind_matches_lycoris() {
 #[test]
 fn diffusers_alpha_metadata_is_honoured_for_new_and_old_keys() {
     let want = reference("diffusers_alpha8");
+    // PEFT's own key form, `lora_A.default.weight`, with the same metadata
+    let tmp = tempfile::tempdir().unwrap();
+    let (t, meta) = tensors_of("diffusers_alpha8");
+    let renamed: HashMap<String, Tensor> = t
+        .into_iter()
+        .map(|(k, v)| (k.replace(".weight", ".default.weight"), v))
+        .collect();
+    let p = tmp.path().join("peft_default.safetensors");
+    safetensors::serialize_to_file(
+        renamed.iter().map(|(k, v)| (k.clone(), SafeView(v))),
+        Some(meta),
+        &p,
+    )
+    .unwrap();
+    let mut u = unet();
+    u.apply_lora_file(&LoraFile::open(&p).unwrap(), &VarMap::new())
+        .unwrap();
+    assert!(
+        rel_err(&run(&u), &want) <= TOL,
+        "lora_A.default.weight keys"
+    );
     for f in ["diffusers_alpha8", "diffusers_alpha8_old_keys"] {
         let mut u = unet();
         let file = LoraFile::open(golden(&format!("lycoris/{f}.safetensors"))).unwrap();
@@ -95,6 +116,65 @@ fn diffusers_alpha_metadata_is_honoured_for_new_and_old_keys() {
         let e = rel_err(&run(&u), &want);
         println!("{f}: rel err {e:.2e}");
         assert!(e <= TOL, "{f}: rel err {e}");
+    }
+}
+
+#[test]
+fn peft_dora_magnitude_vectors_match_diffusers() {
+    let mut u = unet();
+    let file = LoraFile::open(golden("lycoris/peft_dora.safetensors")).unwrap();
+    let applied = u
+        .load_lora_file(&file, &LoraLoad::default(), &VarMap::new())
+        .unwrap();
+    assert!(applied.to_string().contains("+DoRA"), "{applied}");
+    let e = rel_err(&run(&u), &reference("peft_dora"));
+    println!("PEFT DoRA: {applied}: rel err {e:.2e}");
+    assert!(e <= TOL, "rel err {e}");
+}
+
+#[test]
+fn patches_stack_with_their_own_strengths() {
+    // full differences are additive: the file twice at 0.5 each is the file at 1
+    let path = golden("lycoris/full.safetensors");
+    let file = LoraFile::open(&path).unwrap();
+    let mut u = unet();
+    for name in ["a", "b"] {
+        u.load_lora_file(
+            &file,
+            &LoraLoad::named(name).with_strength(0.5),
+            &VarMap::new(),
+        )
+        .unwrap();
+    }
+    assert_eq!(u.adapter_names().unwrap(), vec!["a", "b"]);
+    let e = rel_err(&run(&u), &reference("full"));
+    assert!(e <= TOL, "stacked halves: {e}");
+    // one of them off: half the way
+    u.set_adapter_scale("b", 0.0).unwrap();
+    let half = run(&u);
+    assert!(rel_err(&half, &reference("full")) > 1e-2);
+    let err = u
+        .load_lora_file(&file, &LoraLoad::named("a"), &VarMap::new())
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("`a`"), "{err:#}");
+}
+
+/// A tensor as a safetensors view (to write files with metadata in tests).
+struct SafeView<'a>(&'a Tensor);
+
+impl safetensors::View for SafeView<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        self.0.dims()
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let v = self.0.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+    fn data_len(&self) -> usize {
+        self.0.elem_count() * 4
     }
 }
 

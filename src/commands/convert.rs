@@ -40,7 +40,7 @@ pub fn convert(a: &ConvertArgs) -> Result<String> {
             a.input.display(),
             others.len(),
             e.keys[0],
-            crate::lora::apply::layer_kind(e.component, e)
+            crate::lora::apply::layer_kind(e.component, e, e.is_spatial())
         );
     }
     if let Some(e) = file

@@ -100,7 +100,7 @@ pub fn inspect_lora(a: &InspectLoraArgs) -> Result<String> {
         file.entries.len(),
         crate::lora::group_digits(params)
     );
-    for (kind, (n, ranks, alphas)) in crate::lora::apply::kind_table(&file) {
+    for (kind, (n, ranks, alphas)) in crate::lora::apply::kind_table(&file, &[&ui, &ti]) {
         let ranks: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
         out += &format!(
             "  {kind}: {n} layers, rank {}, alpha {}\n",
@@ -128,6 +128,19 @@ pub fn inspect_lora(a: &InspectLoraArgs) -> Result<String> {
             crate::lora::file::list_names(&unmatched, 10)
         );
     }
+    let mismatched = shape_mismatches(&file, &plan, &unet, &te)?;
+    if !mismatched.is_empty() {
+        out += &format!(
+            "SHAPE MISMATCH ({}; refused): {}\n",
+            mismatched.len(),
+            mismatched
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
     if !file.unknown.is_empty() {
         out += &format!(
             "UNKNOWN keys ({}; refused unless --allow-partial-lora): {}\n",
@@ -143,6 +156,44 @@ pub fn inspect_lora(a: &InspectLoraArgs) -> Result<String> {
             None => v,
         };
         out += &format!("meta {k}: {v}\n");
+    }
+    Ok(out)
+}
+
+/// `key: error` for each matched adapter whose tensors do not fit its layer.
+fn shape_mismatches(
+    file: &LoraFile,
+    plan: &crate::lora::LoraPlan,
+    unet: &UNet2DConditionModel,
+    te: &crate::text::ClipTextModel,
+) -> Result<Vec<String>> {
+    use crate::lora::{Component, WeightPatch};
+    let mut shapes = std::collections::HashMap::new();
+    unet.visit_patchables(&mut |p| {
+        shapes.insert(
+            (Component::Unet, p.name().to_string()),
+            (p.weight_shape(), p.bias_len()),
+        );
+        Ok(())
+    })?;
+    te.visit_patchables(&mut |p| {
+        shapes.insert(
+            (Component::TextEncoder, p.name().to_string()),
+            (p.weight_shape(), p.bias_len()),
+        );
+        Ok(())
+    })?;
+    let mut out = Vec::new();
+    for (c, list) in &plan.targets {
+        for (i, module) in list {
+            let e = &file.entries[*i];
+            if let Some((shape, bias)) = shapes.get(&(*c, module.clone())) {
+                let p = WeightPatch::new("check", e.weights.clone(), e.alpha, e.dora_scale.clone());
+                if let Err(err) = p.check(shape, *bias) {
+                    out.push(format!("`{}`: {err}", e.keys[0]));
+                }
+            }
+        }
     }
     Ok(out)
 }

@@ -55,11 +55,22 @@ impl LoraLoad {
 pub struct ModuleIndex {
     pub component: Component,
     map: HashMap<String, String>,
+    convs: HashSet<String>,
 }
 
 impl ModuleIndex {
-    /// `modules` are the model's patchable module paths; `aliases` are (alias, module) pairs.
-    pub fn new(component: Component, modules: &[String], aliases: &[(String, String)]) -> Self {
+    /// `modules` are the model's patchable module paths, each with whether it is a
+    /// convolution; `aliases` are (alias, module) pairs.
+    pub fn new(
+        component: Component,
+        modules: &[(String, bool)],
+        aliases: &[(String, String)],
+    ) -> Self {
+        let convs = modules
+            .iter()
+            .filter(|(_, c)| *c)
+            .map(|(m, _)| m.clone())
+            .collect();
         let mut map = HashMap::new();
         let mut add = |name: &str, module: &str| {
             map.entry(name.to_string())
@@ -67,13 +78,22 @@ impl ModuleIndex {
             map.entry(name.replace('.', "_"))
                 .or_insert_with(|| module.to_string());
         };
-        for m in modules {
+        for (m, _) in modules {
             add(m, m);
         }
         for (a, m) in aliases {
             add(a, m);
         }
-        Self { component, map }
+        Self {
+            component,
+            map,
+            convs,
+        }
+    }
+
+    /// Is module path `module` a convolution (k x k or 1x1)?
+    pub fn is_conv(&self, module: &str) -> bool {
+        self.convs.contains(module)
     }
 
     /// The module an entry's name resolves to.
@@ -187,12 +207,19 @@ pub struct LoraApplied {
 }
 
 impl LoraApplied {
-    pub(crate) fn new(file: &LoraFile, plan: &LoraPlan, adapter: &str) -> Self {
+    pub(crate) fn new(
+        file: &LoraFile,
+        plan: &LoraPlan,
+        adapter: &str,
+        models: &[&ModuleIndex],
+    ) -> Self {
         let mut applied = BTreeMap::new();
         for (c, list) in &plan.targets {
-            for (i, _) in list {
+            let index = models.iter().find(|m| m.component == *c);
+            for (i, module) in list {
                 let e = &file.entries[*i];
-                *applied.entry(layer_kind(*c, e)).or_default() += 1;
+                let conv = index.map_or(e.is_spatial(), |m| m.is_conv(module));
+                *applied.entry(layer_kind(*c, e, conv)).or_default() += 1;
             }
         }
         Self {
@@ -214,10 +241,10 @@ impl LoraApplied {
 }
 
 /// `UNet conv LoHa`, `text encoder linear LoRA+DoRA`, ...
-pub fn layer_kind(c: Component, e: &LoraEntry) -> String {
+pub fn layer_kind(c: Component, e: &LoraEntry, conv: bool) -> String {
     format!(
         "{c} {} {}{}",
-        if e.is_spatial() { "conv" } else { "linear" },
+        if conv { "conv" } else { "linear" },
         e.kind(),
         if e.dora_scale.is_some() { "+DoRA" } else { "" }
     )
@@ -250,17 +277,26 @@ impl std::fmt::Display for LoraApplied {
     }
 }
 
-/// Modules of a set (helper for callers that need membership).
+/// A set of names (membership helper).
 pub(crate) fn set_of(v: &[String]) -> HashSet<&str> {
     v.iter().map(|s| s.as_str()).collect()
 }
 
 /// The kind counts of a file's entries for `inspect-lora`: (component, kind, conv, DoRA) ->
-/// (layers, ranks, alphas).
-pub fn kind_table(file: &LoraFile) -> BTreeMap<String, (usize, Vec<usize>, Vec<String>)> {
+/// (layers, ranks, alphas). Convolutions are told by the matched module in `models`, else by
+/// the tensors' shapes.
+pub fn kind_table(
+    file: &LoraFile,
+    models: &[&ModuleIndex],
+) -> BTreeMap<String, (usize, Vec<usize>, Vec<String>)> {
     let mut t: BTreeMap<String, (usize, Vec<usize>, Vec<String>)> = BTreeMap::new();
     for e in &file.entries {
-        let row = t.entry(layer_kind(e.component, e)).or_default();
+        let conv = models
+            .iter()
+            .find(|m| m.component == e.component)
+            .and_then(|m| m.resolve(&e.module).map(|r| m.is_conv(r)))
+            .unwrap_or(e.is_spatial());
+        let row = t.entry(layer_kind(e.component, e, conv)).or_default();
         row.0 += 1;
         if let Some(r) = e.weights.rank() {
             if !row.1.contains(&r) {

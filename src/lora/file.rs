@@ -206,7 +206,17 @@ fn build_entry(
     };
     // LyCORIS folds `scalar` into lora_up / w1 when saving and resets it to 1 when loading.
     let _ = take(&mut parts, Part::Scalar);
-    let dora = take(&mut parts, Part::DoraScale).or(take(&mut parts, Part::Magnitude));
+    // PEFT's magnitude is per output channel whatever its stored shape (`[out]`, or
+    // `[1, out, 1, 1]` for convolutions): kept 1-D, which means the output axis
+    let dora = match (
+        take(&mut parts, Part::DoraScale),
+        take(&mut parts, Part::Magnitude),
+    ) {
+        (Some(_), Some(_)) => bail!("both `dora_scale` and `lora_magnitude_vector`"),
+        (Some(d), None) => Some(d),
+        (None, Some(m)) => Some(m.flatten_all()?),
+        (None, None) => None,
+    };
     let weights = if let Some(down) = take(&mut parts, Part::Down) {
         let up = take(&mut parts, Part::Up)
             .context("a `lora_down`/`lora_A` without its `lora_up`/`lora_B`")?;
@@ -313,8 +323,11 @@ fn scalar(t: &Tensor) -> Result<f64> {
 /// `text_encoder.alpha_pattern`, or keys without prefix).
 #[derive(Debug, Default)]
 struct MetaAlphas {
-    per: HashMap<Component, (Option<f64>, Vec<(String, f64)>, bool)>,
+    per: HashMap<Component, ComponentAlphas>,
 }
+
+/// `lora_alpha`, `alpha_pattern` and `use_rslora` of one component.
+type ComponentAlphas = (Option<f64>, Vec<(String, f64)>, bool);
 
 impl MetaAlphas {
     fn from_metadata(meta: &HashMap<String, String>) -> Result<Self> {

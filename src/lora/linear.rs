@@ -335,7 +335,7 @@ impl Patchable for LoraLinear {
     }
     fn add_patch(&mut self, p: WeightPatch) -> Result<()> {
         p.check(self.weight.dims(), self.bias_len())
-            .with_context(|| format!("{}", self.name))?;
+            .with_context(|| self.name.to_string())?;
         self.patches.push(p, &self.weight, self.bias.as_ref())
     }
     fn update_patches(&mut self, f: &mut dyn FnMut(&mut WeightPatch)) -> Result<()> {

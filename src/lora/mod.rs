@@ -60,7 +60,7 @@ pub trait LoraModel: Clone {
     fn module_index(&self) -> Result<ModuleIndex> {
         let mut names = Vec::new();
         self.visit_patchables(&mut |p| {
-            names.push(p.name().to_string());
+            names.push((p.name().to_string(), p.is_conv()));
             Ok(())
         })?;
         Ok(ModuleIndex::new(
@@ -167,7 +167,7 @@ pub trait LoraModel: Clone {
             .cloned()
             .unwrap_or_default();
         self.apply_planned(file, &targets, opts, varmap)?;
-        Ok(LoraApplied::new(file, &plan, &opts.adapter))
+        Ok(LoraApplied::new(file, &plan, &opts.adapter, &[&index]))
     }
 
     /// Applies planned entries (`(entry index, module path)`, from [`apply::plan`]): plain

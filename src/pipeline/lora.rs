@@ -40,7 +40,7 @@ impl StableDiffusion {
         )?;
         self.unet = unet;
         self.text_encoder = te;
-        Ok(LoraApplied::new(file, &plan, &opts.adapter))
+        Ok(LoraApplied::new(file, &plan, &opts.adapter, &[&ui, &ti]))
     }
 
     /// Strength of every LoRA adapter in the UNet and the text encoder.

@@ -139,6 +139,34 @@ def diffusers_alpha_case():
     save_file(old, os.path.join(OUT, "diffusers_alpha8_old_keys.safetensors"), metadata=meta)
 
 
+def peft_dora_case():
+    """PEFT DoRA (use_dora, `lora_magnitude_vector`) saved by diffusers, loaded by diffusers."""
+    unet_dir = os.path.join(DATA, "unet_a", "unet")
+    inputs = load_file(os.path.join(DATA, "unet_a", "inputs_square_b2.safetensors"))
+    args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+    torch.manual_seed(8)
+    unet = UNet2DConditionModel.from_pretrained(unet_dir).eval()
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=6, use_dora=True, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "conv2"]))
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.1 * torch.randn(p.shape))
+    path = os.path.join(OUT, "peft_dora.safetensors")
+    StableDiffusionLoraLoaderMixin.save_lora_weights(OUT, unet_lora_layers=get_peft_model_state_dict(unet),
+                                                     unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+                                                     weight_name="peft_dora.safetensors")
+    fresh = UNet2DConditionModel.from_pretrained(unet_dir).eval()
+    got = StableDiffusionLoraLoaderMixin.lora_state_dict(path, return_lora_metadata=True)
+    fresh.load_lora_adapter(got[0], prefix="unet", metadata=got[-1])
+    with torch.no_grad():
+        y = fresh(*args).sample
+        y_own = unet(*args).sample
+    save_file({"sample": y.contiguous()}, os.path.join(OUT, "peft_dora_out.safetensors"))
+    keys = [k for k in load_file(path) if "magnitude" in k]
+    print(f"PEFT DoRA: {len(keys)} magnitude vectors ({keys[0]}), vs the training model {(y - y_own).abs().max():.2e}")
+
+
 def pipeline_case():
     """A kohya LoRA with text-encoder and UNet parts (LyCORIS' writer); reference: diffusers."""
     import shutil, tempfile
@@ -183,6 +211,7 @@ def main():
     write_preset()
     manifest = {"unet": unet_cases()}
     diffusers_alpha_case()
+    peft_dora_case()
     pipeline_case()
     with open(os.path.join(OUT, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
