@@ -283,7 +283,7 @@ fn convert_and_inspect_lora_files() {
         "--model",
         m,
     ]);
-    fails_with(&o, &["LoHa", "not plain LoRA"]);
+    fails_with(&o, &["no LoHa", "convert to kohya"]);
     assert!(!dir.path().join("loha_peft.safetensors").exists());
     // unet-forward refuses a file with an unknown key, and loads it with --allow-partial-lora
     let mut t = candle_core::safetensors::load(&kohya, &Device::Cpu).unwrap();

@@ -8,7 +8,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use common::{golden, load, rel_err, tiny_pipeline};
-use sd_lora::lora::{LoraFile, LoraLoad, LoraModel};
+use sd_lora::lora::{LoraFile, LoraFormat, LoraLoad, LoraModel};
 use sd_lora::pipeline::{GenerateConfig, StableDiffusion};
 use sd_lora::scheduler::SchedulerKind;
 use sd_lora::unet::UNet2DConditionModel;
@@ -157,6 +157,67 @@ fn patches_stack_with_their_own_strengths() {
         .load_lora_file(&file, &LoraLoad::named("a"), &VarMap::new())
         .unwrap_err();
     assert!(format!("{err:#}").contains("`a`"), "{err:#}");
+}
+
+/// Converts `file` for the UNet of unet_a into `to` layout.
+fn convert(
+    file: &LoraFile,
+    to: LoraFormat,
+    dir: &std::path::Path,
+) -> anyhow::Result<std::path::PathBuf> {
+    let u = unet();
+    let index = u.module_index()?;
+    let plan = sd_lora::lora::apply::plan(file, &[&index], false)?;
+    let out = dir.join(format!("converted_{to:?}.safetensors"));
+    sd_lora::lora::convert::convert_file(file, &plan, to, DType::F32, &out)?;
+    Ok(out)
+}
+
+#[test]
+fn conversions_keep_the_result_or_say_why_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    // to kohya: every kind round-trips
+    for name in KINDS.iter().chain(&["peft_dora", "diffusers_alpha8"]) {
+        let file = LoraFile::open(golden(&format!("lycoris/{name}.safetensors"))).unwrap();
+        let k = convert(&file, LoraFormat::Kohya, tmp.path()).unwrap();
+        let mut u = unet();
+        u.apply_lora_file(&LoraFile::open(&k).unwrap(), &VarMap::new())
+            .unwrap();
+        let e = rel_err(&run(&u), &reference(name));
+        assert!(e <= TOL, "{name} -> kohya: {e}");
+    }
+    // to PEFT: LoRA, LoCon, output-axis DoRA
+    for name in [
+        "locon",
+        "dora_out",
+        "peft_dora",
+        "diffusers_alpha8",
+        "locon_f16",
+    ] {
+        let file = LoraFile::open(golden(&format!("lycoris/{name}.safetensors"))).unwrap();
+        let p = convert(&file, LoraFormat::Peft, tmp.path()).unwrap();
+        let back = LoraFile::open(&p).unwrap();
+        assert_eq!(back.format, LoraFormat::Peft);
+        let mut u = unet();
+        u.apply_lora_file(&back, &VarMap::new()).unwrap();
+        let e = rel_err(&run(&u), &reference(name));
+        assert!(e <= TOL, "{name} -> peft: {e}");
+    }
+    // what PEFT cannot hold is refused with the reason
+    for (name, why) in [
+        ("loha", "no LoHa"),
+        ("lokr", "no LoKr"),
+        ("full", "no full"),
+        ("locon_tucker", "Tucker"),
+        ("dora_in", "input axis"),
+    ] {
+        let file = LoraFile::open(golden(&format!("lycoris/{name}.safetensors"))).unwrap();
+        let err = format!(
+            "{:#}",
+            convert(&file, LoraFormat::Peft, tmp.path()).unwrap_err()
+        );
+        assert!(err.contains(why) && err.contains("kohya"), "{name}: {err}");
+    }
 }
 
 /// A tensor as a safetensors view (to write files with metadata in tests).

@@ -50,10 +50,42 @@ impl Default for ModelArgs {
 /// A model's structure only (no weights): what LoRA module names resolve against.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StructureArgs {
-    /// UNet structure: `sd15`, `tiny`, a diffusers folder (pipeline root or its unet/) or a
+    /// Model structure: `sd15`, `tiny`, a diffusers folder (pipeline root or its unet/) or a
     /// UNet `config.json`.
     #[arg(long, default_value = "sd15")]
     pub model: String,
+}
+
+impl StructureArgs {
+    /// The UNet and the text encoder of `--model`, structure only (no weights read): the text
+    /// encoder's from `text_encoder/config.json` in a pipeline folder, else tiny's for `tiny`
+    /// and SD 1.5's otherwise.
+    pub fn models(
+        &self,
+    ) -> anyhow::Result<(
+        crate::unet::UNet2DConditionModel,
+        crate::text::ClipTextModel,
+    )> {
+        use crate::text::{ClipTextConfig, ClipTextModel};
+        let unet = crate::unet::UNet2DConditionModel::meta(&crate::unet::UNetConfig::for_model(
+            &self.model,
+        )?)?;
+        let te_config = std::path::Path::new(&self.model)
+            .join("text_encoder")
+            .join("config.json");
+        let cfg = if te_config.is_file() {
+            ClipTextConfig::from_file(&te_config)?
+        } else if self.model == "tiny" {
+            ClipTextConfig::tiny()
+        } else {
+            ClipTextConfig::sd_v1_5()
+        };
+        let te = ClipTextModel::new(
+            &cfg,
+            &crate::weights::WeightSource::meta(candle_core::DType::F32),
+        )?;
+        Ok((unet, te))
+    }
 }
 
 /// `--save-dtype`: the precision of written LoRA files.

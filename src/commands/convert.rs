@@ -3,17 +3,16 @@
 
 use anyhow::{bail, Result};
 use candle_core::DType;
-use candle_nn::VarMap;
 use std::path::PathBuf;
 
 use super::args::{SaveDType, StructureArgs};
-use crate::lora::{LoraFile, LoraFormat, LoraModel};
-use crate::unet::{UNet2DConditionModel, UNetConfig};
+use crate::lora::{apply, Component, LoraFile, LoraFormat, LoraModel};
 
 /// `sd-lora convert`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConvertArgs {
-    /// The LoRA file to read (PEFT/diffusers, kohya/A1111/ComfyUI or old diffusers).
+    /// The LoRA file to read (any layout and kind `inspect-lora` lists). To kohya: every
+    /// kind, diffusers-named; to PEFT: LoRA, LoCon and output-axis DoRA, UNet and text encoder.
     pub input: PathBuf,
     /// The layout to write.
     #[arg(long, value_enum)]
@@ -28,42 +27,38 @@ pub struct ConvertArgs {
     pub save_dtype: SaveDType,
 }
 
-/// Reads `a.input` against the model structure, writes `a.out`; returns a one-line report.
+/// Reads `a.input`, matches it against the model structure (every tensor, shapes included)
+/// and writes it in `a.to` layout; returns a one-line report.
 pub fn convert(a: &ConvertArgs) -> Result<String> {
-    let mut unet = UNet2DConditionModel::meta(&UNetConfig::for_model(&a.structure.model)?)?;
+    let (unet, te) = a.structure.models()?;
     let file = LoraFile::open(&a.input)?;
-    let others: Vec<&crate::lora::LoraEntry> =
-        file.entries.iter().filter(|e| !e.is_plain_lora()).collect();
-    if let Some(e) = others.first() {
+    let (ui, ti) = (unet.module_index()?, te.module_index()?);
+    let plan = apply::plan(&file, &[&ui, &ti], false)?;
+    let (us, ts) = (apply::layer_shapes(&unet)?, apply::layer_shapes(&te)?);
+    let bad = apply::shape_mismatches(
+        &file,
+        &plan,
+        &[(Component::Unet, &us), (Component::TextEncoder, &ts)],
+    );
+    if !bad.is_empty() {
         bail!(
-            "{}: {} of its adapters are not plain LoRA on linear layers (e.g. `{}`: {}), which neither written layout here expresses; only LoRA (kohya <-> PEFT) converts. The file loads as it is in `generate` and `unet-forward`",
+            "{}: {} adapters do not fit {} (another model?): {}",
             a.input.display(),
-            others.len(),
-            e.keys[0],
-            crate::lora::apply::layer_kind(e.component, e, e.is_spatial())
+            bad.len(),
+            a.structure.model,
+            bad.iter().take(3).cloned().collect::<Vec<_>>().join("; ")
         );
     }
-    if let Some(e) = file
-        .entries
-        .iter()
-        .find(|e| e.component != crate::lora::Component::Unet)
-    {
-        bail!(
-            "{}: has {} adapters (e.g. `{}`); convert writes UNet adapters only and would drop them",
-            a.input.display(),
-            e.component,
-            e.keys[0]
-        );
-    }
-    let s = unet.apply_lora_file(&file, &VarMap::new())?;
     let dtype: DType = a.save_dtype.into();
-    let layers = unet.linears()?;
-    crate::lora::io::save_lora_as(&layers, a.to, dtype, &a.out, &Default::default())?;
+    let n = crate::lora::convert::convert_file(&file, &plan, a.to, dtype, &a.out)?;
     Ok(format!(
-        "wrote {} ({:?}, {dtype:?}, {} layers, {} parameters)",
+        "wrote {} ({:?}, {dtype:?}, {n} adapters: {})",
         a.out.display(),
         a.to,
-        s.lora_layers,
-        s.trainable_params
+        apply::kind_table(&file, &[&ui, &ti])
+            .iter()
+            .map(|(k, (n, _, _))| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     ))
 }

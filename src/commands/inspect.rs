@@ -2,12 +2,11 @@
 //! what a LoRA file holds. Both read structures only, never weights.
 
 use anyhow::Result;
-use candle_core::DType;
 use candle_nn::VarMap;
 use std::path::PathBuf;
 
 use super::args::{count, StructureArgs};
-use crate::lora::{LoraConfig, LoraFile, LoraModel, LoraSummary};
+use crate::lora::{apply, Component, LoraConfig, LoraFile, LoraModel, LoraSummary};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 
 /// `sd-lora inspect-model`.
@@ -78,18 +77,10 @@ pub struct InspectLoraArgs {
 pub fn inspect_lora(a: &InspectLoraArgs) -> Result<String> {
     let path = &a.file;
     let model = &a.structure.model;
-    let unet = UNet2DConditionModel::meta(&UNetConfig::for_model(model)?)?;
-    let te = crate::text::ClipTextModel::new(
-        &if model == "tiny" {
-            crate::text::ClipTextConfig::tiny()
-        } else {
-            crate::text::ClipTextConfig::sd_v1_5()
-        },
-        &crate::weights::WeightSource::meta(DType::F32),
-    )?;
+    let (unet, te) = a.structure.models()?;
     let file = LoraFile::open(path)?;
     let (ui, ti) = (unet.module_index()?, te.module_index()?);
-    let (plan, unmatched) = crate::lora::apply::match_entries(&file, &[&ui, &ti])?;
+    let (plan, unmatched) = apply::match_entries(&file, &[&ui, &ti])?;
     let params: usize = file.entries.iter().map(|e| e.weights.num_params()).sum();
     let mut out =
         format!(
@@ -100,7 +91,7 @@ pub fn inspect_lora(a: &InspectLoraArgs) -> Result<String> {
         file.entries.len(),
         crate::lora::group_digits(params)
     );
-    for (kind, (n, ranks, alphas)) in crate::lora::apply::kind_table(&file, &[&ui, &ti]) {
+    for (kind, (n, ranks, alphas)) in apply::kind_table(&file, &[&ui, &ti]) {
         let ranks: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
         out += &format!(
             "  {kind}: {n} layers, rank {}, alpha {}\n",
@@ -128,7 +119,12 @@ pub fn inspect_lora(a: &InspectLoraArgs) -> Result<String> {
             crate::lora::file::list_names(&unmatched, 10)
         );
     }
-    let mismatched = shape_mismatches(&file, &plan, &unet, &te)?;
+    let (us, ts) = (apply::layer_shapes(&unet)?, apply::layer_shapes(&te)?);
+    let mismatched = apply::shape_mismatches(
+        &file,
+        &plan,
+        &[(Component::Unet, &us), (Component::TextEncoder, &ts)],
+    );
     if !mismatched.is_empty() {
         out += &format!(
             "SHAPE MISMATCH ({}; refused): {}\n",
@@ -156,44 +152,6 @@ pub fn inspect_lora(a: &InspectLoraArgs) -> Result<String> {
             None => v,
         };
         out += &format!("meta {k}: {v}\n");
-    }
-    Ok(out)
-}
-
-/// `key: error` for each matched adapter whose tensors do not fit its layer.
-fn shape_mismatches(
-    file: &LoraFile,
-    plan: &crate::lora::LoraPlan,
-    unet: &UNet2DConditionModel,
-    te: &crate::text::ClipTextModel,
-) -> Result<Vec<String>> {
-    use crate::lora::{Component, WeightPatch};
-    let mut shapes = std::collections::HashMap::new();
-    unet.visit_patchables(&mut |p| {
-        shapes.insert(
-            (Component::Unet, p.name().to_string()),
-            (p.weight_shape(), p.bias_len()),
-        );
-        Ok(())
-    })?;
-    te.visit_patchables(&mut |p| {
-        shapes.insert(
-            (Component::TextEncoder, p.name().to_string()),
-            (p.weight_shape(), p.bias_len()),
-        );
-        Ok(())
-    })?;
-    let mut out = Vec::new();
-    for (c, list) in &plan.targets {
-        for (i, module) in list {
-            let e = &file.entries[*i];
-            if let Some((shape, bias)) = shapes.get(&(*c, module.clone())) {
-                let p = WeightPatch::new("check", e.weights.clone(), e.alpha, e.dora_scale.clone());
-                if let Err(err) = p.check(shape, *bias) {
-                    out.push(format!("`{}`: {err}", e.keys[0]));
-                }
-            }
-        }
     }
     Ok(out)
 }

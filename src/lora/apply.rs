@@ -323,3 +323,45 @@ pub fn kinds(file: &LoraFile) -> Vec<AdapterKind> {
     k.dedup();
     k
 }
+
+/// Module path -> (weight shape, bias length) of every patchable layer of `m`.
+pub type LayerShapes = HashMap<String, (Vec<usize>, Option<usize>)>;
+
+/// The shapes of `m`'s patchable layers (for checks without touching weights).
+pub fn layer_shapes<M: super::LoraModel>(m: &M) -> Result<LayerShapes> {
+    let mut out = HashMap::new();
+    m.visit_patchables(&mut |p| {
+        out.insert(p.name().to_string(), (p.weight_shape(), p.bias_len()));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// `key: error` for each planned adapter whose tensors do not fit its layer.
+pub fn shape_mismatches(
+    file: &LoraFile,
+    plan: &LoraPlan,
+    shapes: &[(Component, &LayerShapes)],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (c, list) in &plan.targets {
+        let Some((_, s)) = shapes.iter().find(|(x, _)| x == c) else {
+            continue;
+        };
+        for (i, module) in list {
+            let e = &file.entries[*i];
+            if let Some((shape, bias)) = s.get(module) {
+                let p = super::WeightPatch::new(
+                    "check",
+                    e.weights.clone(),
+                    e.alpha,
+                    e.dora_scale.clone(),
+                );
+                if let Err(err) = p.check(shape, *bias) {
+                    out.push(format!("`{}`: {err:#}", e.keys[0]));
+                }
+            }
+        }
+    }
+    out
+}

@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod config;
+pub mod convert;
 pub mod file;
 pub mod io;
 pub mod keys;
