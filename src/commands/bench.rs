@@ -23,6 +23,9 @@ pub enum BenchKind {
     Train,
     /// A 20-step text-to-image generation with guidance, text encoding and VAE decoding.
     Generate,
+    /// Reading and applying --lora to the UNet and text encoder (every adapter's weight
+    /// rebuilt), then removing it.
+    LoraLoad,
 }
 
 /// `sd-lora bench`.
@@ -47,6 +50,9 @@ pub struct BenchArgs {
     /// Print one JSON line.
     #[arg(long)]
     pub json: bool,
+    /// The LoRA file `lora-load` applies (any layout and kind).
+    #[arg(long)]
+    pub lora: Option<std::path::PathBuf>,
     /// Attention score bytes materialised at once, MiB (default 4 on the CPU, 256 on GPUs;
     /// larger layers run in query chunks). A huge value keeps every score matrix whole.
     #[arg(long, value_parser = count)]
@@ -69,9 +75,12 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         dtype,
         variant: a.model.variant.clone(),
     };
-    match a.what {
-        BenchKind::Train => bench_train(&cfg),
-        BenchKind::Generate => bench_generate(&cfg),
+    match (a.what, &a.lora) {
+        (BenchKind::Train, None) => bench_train(&cfg),
+        (BenchKind::Generate, None) => bench_generate(&cfg),
+        (BenchKind::LoraLoad, Some(f)) => bench_lora_load(&cfg, f),
+        (BenchKind::LoraLoad, None) => bail!("bench lora-load needs --lora FILE"),
+        (k, Some(_)) => bail!("--lora is for `bench lora-load`, not {k:?}"),
     }
 }
 
@@ -250,6 +259,75 @@ pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
     })
 }
 
+/// Applies `lora` to a random-weight pipeline (`tiny` or `sd15`) and removes it again, per
+/// timed step; the file is read once, outside the timing.
+pub fn bench_lora_load(cfg: &BenchConfig, lora: &std::path::Path) -> Result<BenchReport> {
+    use crate::lora::{LoraFile, LoraLoad};
+    let dev = &cfg.device;
+    let mut sd = random_pipeline(&cfg.model, cfg.dtype, dev)?;
+    let file = LoraFile::open(lora)?;
+    let mut applied = None;
+    let (median_s, min_s, max_s) = timed(cfg, || {
+        applied = Some(sd.load_lora_file(&file, &LoraLoad::default())?);
+        crate::device::synchronize(dev)?;
+        sd.remove_lora()
+    })?;
+    if let Some(a) = applied {
+        eprintln!("{}: {a}", lora.display());
+    }
+    Ok(BenchReport {
+        kind: "lora-load".into(),
+        model: cfg.model.clone(),
+        latent: 0,
+        batch: 1,
+        steps: cfg.steps,
+        median_s,
+        min_s,
+        max_s,
+        peak_rss_mib: peak_rss_mib(),
+        trainable_params: 0,
+        total_params: sd.unet.lora_summary()?.total_params,
+        threads: candle_core::utils::get_num_threads(),
+        device: device_name(dev),
+        dtype: format!("{:?}", cfg.dtype).to_lowercase(),
+        gpu_mem_mib: crate::device::gpu_memory_used_mib(dev),
+    })
+}
+
+/// A random-weight pipeline of `tiny` or `sd15` structure (the tokenizer from the CLIP BPE).
+fn random_pipeline(model: &str, dtype: DType, dev: &Device) -> Result<StableDiffusion> {
+    use crate::io::ModelName;
+    if dtype != DType::F32 {
+        bail!("random-weight pipelines are made in f32, not {dtype:?} (use a pipeline folder)");
+    }
+    use crate::text::ClipTextConfig;
+    use crate::vae::VaeConfig;
+    let (u, v, t) = match ModelName::parse(model)? {
+        ModelName::Tiny => (
+            UNetConfig::tiny(),
+            VaeConfig::tiny(),
+            ClipTextConfig::tiny(),
+        ),
+        ModelName::Sd15 => (
+            UNetConfig::sd_v1_5(),
+            VaeConfig::sd_v1_5(),
+            ClipTextConfig::sd_v1_5(),
+        ),
+        _ => bail!("`{model}`: random-weight pipelines are tiny or sd15"),
+    };
+    let tok = std::env::temp_dir().join(format!("sd-lora-bench-tok-{}", std::process::id()));
+    let bpe = crate::text::default_clip_bpe();
+    crate::text::write_clip_vocab(&bpe, &tok).with_context(|| {
+        format!(
+            "building a CLIP tokenizer from {} (run scripts/fetch-clip-bpe.sh)",
+            bpe.display()
+        )
+    })?;
+    let sd = StableDiffusion::random(&u, &v, &t, &tok, 0, dev);
+    let _ = std::fs::remove_dir_all(&tok);
+    sd
+}
+
 fn device_name(d: &Device) -> String {
     match d.location() {
         candle_core::DeviceLocation::Cpu => "cpu".into(),
@@ -261,22 +339,7 @@ fn device_name(d: &Device) -> String {
 /// Text to image: classifier-free guidance 7.5 (UNet batch 2 per image), DDIM, 20 steps,
 /// `batch` images, text encoding and VAE decoding included.
 pub fn bench_generate(cfg: &BenchConfig) -> Result<BenchReport> {
-    use crate::text::ClipTextConfig;
-    use crate::vae::VaeConfig;
     let dev = &cfg.device;
-    let random = |u: UNetConfig, v: VaeConfig, t: ClipTextConfig| -> Result<StableDiffusion> {
-        let tok = std::env::temp_dir().join(format!("sd-lora-bench-tok-{}", std::process::id()));
-        let bpe = crate::text::default_clip_bpe();
-        crate::text::write_clip_vocab(&bpe, &tok).with_context(|| {
-            format!(
-                "building a CLIP tokenizer from {} (run scripts/fetch-clip-bpe.sh)",
-                bpe.display()
-            )
-        })?;
-        let sd = StableDiffusion::random(&u, &v, &t, &tok, 0, dev);
-        let _ = std::fs::remove_dir_all(&tok);
-        sd
-    };
     use crate::io::ModelName;
     let name = ModelName::parse(&cfg.model)?;
     if let (Some(v), false) = (&cfg.variant, matches!(name, ModelName::Local(_))) {
@@ -286,16 +349,7 @@ pub fn bench_generate(cfg: &BenchConfig) -> Result<BenchReport> {
         );
     }
     let sd = match name {
-        ModelName::Tiny => random(
-            UNetConfig::tiny(),
-            VaeConfig::tiny(),
-            ClipTextConfig::tiny(),
-        )?,
-        ModelName::Sd15 => random(
-            UNetConfig::sd_v1_5(),
-            VaeConfig::sd_v1_5(),
-            ClipTextConfig::sd_v1_5(),
-        )?,
+        ModelName::Tiny | ModelName::Sd15 => random_pipeline(&cfg.model, DType::F32, dev)?,
         ModelName::Local(dir) => {
             StableDiffusion::from_folder(&dir, cfg.variant.as_deref(), cfg.dtype, dev)?
         }

@@ -56,7 +56,8 @@ pub enum Command {
     /// Draws loss curves from run folders (metrics.csv): one run with LR and epochs, or several
     /// overlaid.
     Plot(plot::PlotArgs),
-    /// Times a LoRA training step (`train`) or a 20-step generation (`generate`).
+    /// Times a LoRA training step (`train`), a 20-step generation (`generate`) or applying a
+    /// LoRA file (`lora-load`).
     Bench(bench::BenchArgs),
 }
 

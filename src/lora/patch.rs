@@ -138,6 +138,102 @@ impl PatchWeights {
         }
     }
 
+    /// The shape [`Self::product`] will have, checking that the factors fit each other,
+    /// without computing anything.
+    fn product_shape(&self) -> Result<Vec<usize>> {
+        fn inner(a: &Tensor, ai: usize, b: &Tensor, bi: usize, what: &str) -> Result<()> {
+            let (x, y) = (a.dims().get(ai).copied(), b.dims().get(bi).copied());
+            if x.is_none() || x != y {
+                bail!(
+                    "{what}: shapes {:?} and {:?} do not chain",
+                    a.dims(),
+                    b.dims()
+                );
+            }
+            Ok(())
+        }
+        let dims = |t: &Tensor| t.dims().to_vec();
+        Ok(match self {
+            PatchWeights::Lora { down, up, mid } => match mid {
+                None => {
+                    inner(up, 1, down, 0, "lora_up x lora_down")?;
+                    let mut s = vec![up.dims()[0]];
+                    s.extend_from_slice(&down.dims()[1..]);
+                    s
+                }
+                Some(m) => {
+                    inner(up, 1, m, 0, "lora_up x lora_mid")?;
+                    inner(m, 1, down, 0, "lora_mid x lora_down")?;
+                    let mut s = vec![up.dims()[0], down.dims().get(1).copied().unwrap_or(0)];
+                    s.extend_from_slice(&m.dims()[2..]);
+                    s
+                }
+            },
+            PatchWeights::LoHa {
+                w1a,
+                w1b,
+                w2a,
+                w2b,
+                t,
+            } => {
+                let half = |a: &Tensor, b: &Tensor, t: Option<&Tensor>| -> Result<Vec<usize>> {
+                    match t {
+                        None => {
+                            inner(a, 1, b, 0, "hada_w_a x hada_w_b")?;
+                            let n: usize = b.dims()[1..].iter().product();
+                            Ok(vec![a.dims()[0], n])
+                        }
+                        Some(t) => {
+                            inner(t, 0, a, 0, "hada_t x hada_w_a")?;
+                            inner(t, 1, b, 0, "hada_t x hada_w_b")?;
+                            let mut s = vec![a.dims()[1], b.dims()[1]];
+                            s.extend_from_slice(&t.dims()[2..]);
+                            Ok(s)
+                        }
+                    }
+                };
+                let s1 = half(w1a, w1b, t.as_ref().map(|x| &x.0))?;
+                let s2 = half(w2a, w2b, t.as_ref().map(|x| &x.1))?;
+                if s1 != s2 {
+                    bail!("the two LoHa halves rebuild {s1:?} and {s2:?}");
+                }
+                s1
+            }
+            PatchWeights::LoKr { w1, w2, t2 } => {
+                let s1 = match w1 {
+                    KronFactor::Full(t) => dims(t),
+                    KronFactor::LowRank(a, b) => {
+                        inner(a, 1, b, 0, "lokr_w1_a x lokr_w1_b")?;
+                        vec![a.dims()[0], b.dims()[1..].iter().product()]
+                    }
+                };
+                let s2 = match (w2, t2) {
+                    (KronFactor::Full(t), _) => dims(t),
+                    (KronFactor::LowRank(a, b), None) => {
+                        inner(a, 1, b, 0, "lokr_w2_a x lokr_w2_b")?;
+                        let mut s = vec![a.dims()[0]];
+                        s.extend_from_slice(&b.dims()[1..]);
+                        s
+                    }
+                    (KronFactor::LowRank(a, b), Some(t)) => {
+                        inner(t, 0, a, 0, "lokr_t2 x lokr_w2_a")?;
+                        inner(t, 1, b, 0, "lokr_t2 x lokr_w2_b")?;
+                        let mut s = vec![a.dims()[1], b.dims()[1]];
+                        s.extend_from_slice(&t.dims()[2..]);
+                        s
+                    }
+                };
+                if s1.len() != 2 || s2.len() < 2 {
+                    bail!("LoKr factors {s1:?} and {s2:?} are not matrices");
+                }
+                let mut s = vec![s1[0] * s2[0], s1[1] * s2[1]];
+                s.extend_from_slice(&s2[2..]);
+                s
+            }
+            PatchWeights::Full { diff, .. } => dims(diff),
+        })
+    }
+
     /// `ΔW` without alpha, f32 on `device`, in its natural shape (`[out, in(, k, k)]`).
     fn product(&self, device: &Device) -> Result<Tensor> {
         let f = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.to_dtype(DType::F32)?) };
@@ -298,8 +394,13 @@ impl WeightPatch {
     /// Checks the patch against a layer's weight shape (so that loading fails early and
     /// names the layer, not at the first forward).
     pub fn check(&self, shape: &[usize], bias: Option<usize>) -> Result<()> {
-        let dev = Device::Cpu;
-        let _ = self.delta(shape, &dev)?;
+        let rebuilt = self.weights.product_shape()?;
+        if rebuilt.iter().product::<usize>() != shape.iter().product::<usize>() {
+            bail!(
+                "the {} adapter rebuilds a weight of shape {rebuilt:?}, the layer's is {shape:?}",
+                self.weights.kind()
+            );
+        }
         if let Some(m) = &self.dora_scale {
             dora_magnitude(m, shape)?;
         }
