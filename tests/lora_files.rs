@@ -365,6 +365,27 @@ fn text_encoder_and_unet_parts_match_diffusers_pipeline() {
     assert_eq!(applied.not_loaded.len(), 1, "{applied}");
     assert!(applied.to_string().contains("text encoder"), "{applied}");
 
+    // a file with only a text-encoder part applies nothing to a UNet: refused, not ignored
+    let tmp = tempfile::tempdir().unwrap();
+    let te_only: HashMap<String, Tensor> = candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("lora_te_"))
+        .collect();
+    let te_path = write(tmp.path(), "te_only.safetensors", &te_only);
+    let err = unet_only
+        .load_lora_file(
+            &LoraFile::open(&te_path).unwrap(),
+            &LoraLoad::named("x"),
+            &VarMap::new(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no adapters for the UNet") && err.contains("12 text encoder"),
+        "{err}"
+    );
+
     let applied = sd.load_lora(&path, &LoraLoad::default()).unwrap();
     println!("{applied}");
     assert!(applied.not_loaded.is_empty() && applied.left_out.is_empty());

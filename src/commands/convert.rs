@@ -57,7 +57,7 @@ pub fn convert(a: &ConvertArgs) -> Result<String> {
         a.to,
         apply::kind_table(&file, &[&ui, &ti])
             .iter()
-            .map(|(k, (n, _, _))| format!("{n} {k}"))
+            .map(|(k, row)| format!("{} {k}", row.layers))
             .collect::<Vec<_>>()
             .join(", ")
     ))

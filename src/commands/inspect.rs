@@ -91,17 +91,27 @@ pub fn inspect_lora(a: &InspectLoraArgs) -> Result<String> {
         file.entries.len(),
         crate::lora::group_digits(params)
     );
-    for (kind, (n, ranks, alphas)) in apply::kind_table(&file, &[&ui, &ti]) {
-        let ranks: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
+    for (kind, row) in apply::kind_table(&file, &[&ui, &ti]) {
+        let ranks: Vec<String> = row.ranks.iter().map(|r| r.to_string()).collect();
         out += &format!(
-            "  {kind}: {n} layers, rank {}, alpha {}\n",
+            "  {kind}: {} layers, rank {}, alpha {}\n",
+            row.layers,
             if ranks.is_empty() {
                 "-".into()
             } else {
                 ranks.join("/")
             },
-            alphas.join("/")
+            row.alphas.join("/")
         );
+        // where ranks or alphas vary: which layers have which
+        for ((r, a), modules) in &row.groups {
+            out += &format!(
+                "    rank {}, alpha {a}: {} layers ({})\n",
+                r.map_or("-".to_string(), |r| r.to_string()),
+                modules.len(),
+                crate::lora::file::list_names(modules, 3)
+            );
+        }
     }
     let matched: usize = plan.targets.values().map(|v| v.len()).sum();
     out += &format!(

@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::file::{list_names, LoraEntry, LoraFile};
 use super::keys::Component;
-use super::patch::AdapterKind;
 
 /// How to load a LoRA file.
 #[derive(Debug, Clone, PartialEq)]
@@ -194,6 +193,16 @@ fn describe(e: &LoraEntry) -> String {
     e.keys.first().cloned().unwrap_or_else(|| e.module.clone())
 }
 
+/// `12 text encoder, 3 second text encoder (SDXL) adapters`: the file's entries per component.
+pub fn describe_counts(file: &LoraFile) -> String {
+    let mut n: BTreeMap<Component, usize> = BTreeMap::new();
+    for e in &file.entries {
+        *n.entry(e.component).or_default() += 1;
+    }
+    let parts: Vec<String> = n.iter().map(|(c, k)| format!("{k} {c}")).collect();
+    format!("{} adapters", parts.join(", "))
+}
+
 /// What loading a file did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LoraApplied {
@@ -282,46 +291,55 @@ pub(crate) fn set_of(v: &[String]) -> HashSet<&str> {
     v.iter().map(|s| s.as_str()).collect()
 }
 
-/// The kind counts of a file's entries for `inspect-lora`: (component, kind, conv, DoRA) ->
-/// (layers, ranks, alphas). Convolutions are told by the matched module in `models`, else by
-/// the tensors' shapes.
-pub fn kind_table(
-    file: &LoraFile,
-    models: &[&ModuleIndex],
-) -> BTreeMap<String, (usize, Vec<usize>, Vec<String>)> {
-    let mut t: BTreeMap<String, (usize, Vec<usize>, Vec<String>)> = BTreeMap::new();
+/// One row of [`kind_table`]: a kind of layer in a file.
+#[derive(Debug, Clone, Default)]
+pub struct KindRow {
+    pub layers: usize,
+    /// Distinct ranks, sorted (empty for kinds without rank).
+    pub ranks: Vec<usize>,
+    /// Distinct alphas as printed (`-` for kinds without alpha).
+    pub alphas: Vec<String>,
+    /// `(rank, alpha)` -> the modules with it, when the row has several.
+    pub groups: BTreeMap<(Option<usize>, String), Vec<String>>,
+}
+
+/// The file's entries per (component, kind, conv, DoRA) for `inspect-lora` and `convert`.
+/// Convolutions are told by the matched module in `models`, else by the tensors' shapes.
+pub fn kind_table(file: &LoraFile, models: &[&ModuleIndex]) -> BTreeMap<String, KindRow> {
+    let mut t: BTreeMap<String, KindRow> = BTreeMap::new();
     for e in &file.entries {
-        let conv = models
-            .iter()
-            .find(|m| m.component == e.component)
-            .and_then(|m| m.resolve(&e.module).map(|r| m.is_conv(r)))
-            .unwrap_or(e.is_spatial());
+        let index = models.iter().find(|m| m.component == e.component);
+        let module = index.and_then(|m| m.resolve(&e.module));
+        let conv = match (index, module) {
+            (Some(i), Some(m)) => i.is_conv(m),
+            _ => e.is_spatial(),
+        };
         let row = t.entry(layer_kind(e.component, e, conv)).or_default();
-        row.0 += 1;
-        if let Some(r) = e.weights.rank() {
-            if !row.1.contains(&r) {
-                row.1.push(r);
+        row.layers += 1;
+        let r = e.weights.rank();
+        if let Some(r) = r {
+            if !row.ranks.contains(&r) {
+                row.ranks.push(r);
             }
         }
         let a = e
             .effective_alpha()
             .map_or("-".to_string(), |a| format!("{a}"));
-        if !row.2.contains(&a) {
-            row.2.push(a);
+        if !row.alphas.contains(&a) {
+            row.alphas.push(a.clone());
         }
+        row.groups
+            .entry((r, a))
+            .or_default()
+            .push(module.unwrap_or(&e.module).to_string());
     }
     for row in t.values_mut() {
-        row.1.sort();
+        row.ranks.sort();
+        if row.groups.len() < 2 {
+            row.groups.clear();
+        }
     }
     t
-}
-
-/// Whether an entry kind exists in the file (for `convert`).
-pub fn kinds(file: &LoraFile) -> Vec<AdapterKind> {
-    let mut k: Vec<AdapterKind> = file.entries.iter().map(|e| e.kind()).collect();
-    k.sort();
-    k.dedup();
-    k
 }
 
 /// Module path -> (weight shape, bias length) of every patchable layer of `m`.

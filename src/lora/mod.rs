@@ -167,6 +167,14 @@ pub trait LoraModel: Clone {
             .get(&self.lora_component())
             .cloned()
             .unwrap_or_default();
+        if targets.is_empty() {
+            bail!(
+                "{}: no adapters for the {} (the file has {})",
+                file.path.display(),
+                self.lora_component(),
+                apply::describe_counts(file)
+            );
+        }
         self.apply_planned(file, &targets, opts, varmap)?;
         Ok(LoraApplied::new(file, &plan, &opts.adapter, &[&index]))
     }

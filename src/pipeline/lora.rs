@@ -23,6 +23,13 @@ impl StableDiffusion {
     pub fn load_lora_file(&mut self, file: &LoraFile, opts: &LoraLoad) -> Result<LoraApplied> {
         let (ui, ti) = (self.unet.module_index()?, self.text_encoder.module_index()?);
         let plan = apply::plan(file, &[&ui, &ti], opts.allow_partial)?;
+        if plan.targets.values().all(|t| t.is_empty()) {
+            anyhow::bail!(
+                "{}: no adapters for this pipeline's UNet or text encoder (the file has {})",
+                file.path.display(),
+                apply::describe_counts(file)
+            );
+        }
         let (mut unet, mut te) = (self.unet.clone(), self.text_encoder.clone());
         let none = Vec::new();
         let varmap = VarMap::new();
