@@ -7,10 +7,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use common::{golden, load, rel_err, tiny_pipeline};
+use common::{golden, load, pipeline_config, psnr, rel_err, tiny_pipeline};
 use sd_lora::lora::{LoraFile, LoraFormat, LoraLoad, LoraModel};
-use sd_lora::pipeline::{GenerateConfig, StableDiffusion};
-use sd_lora::scheduler::SchedulerKind;
+use sd_lora::pipeline::StableDiffusion;
 use sd_lora::unet::UNet2DConditionModel;
 use std::collections::HashMap;
 
@@ -340,18 +339,7 @@ fn text_encoder_and_unet_parts_match_diffusers_pipeline() {
     let mut sd =
         StableDiffusion::from_folder(dir.path(), Some("fp16"), DType::F32, &Device::Cpu).unwrap();
     let r = load("tiny_pipeline/reference.safetensors");
-    let cfg = GenerateConfig {
-        prompt: "a red circle on a blue background".into(),
-        negative_prompt: "blurry, low quality".into(),
-        steps: 6,
-        guidance: 5.0,
-        scheduler: SchedulerKind::Ddim,
-        width: 32,
-        height: 32,
-        num_images: 2,
-        latents: Some(r["pipe.latents"].clone()),
-        ..Default::default()
-    };
+    let cfg = pipeline_config(&r["pipe.latents"]);
     let path = golden("lycoris/te_unet_kohya.safetensors");
     // the UNet alone reports the text-encoder part and applies the rest
     let mut unet_only = sd.unet.clone();
@@ -408,16 +396,4 @@ fn text_encoder_and_unet_parts_match_diffusers_pipeline() {
         without_te < 35.0,
         "the text-encoder part matters: {without_te}"
     );
-}
-
-fn psnr(a: &Tensor, b: &Tensor) -> f64 {
-    let mse = (a - b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    10.0 * (1.0 / mse.max(1e-20)).log10()
 }

@@ -6,37 +6,10 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use common::{load, tiny_pipeline};
+use common::{load, pipeline_config, psnr, tiny_pipeline};
 use sd_lora::lora::{LoraFile, LoraModel};
 use sd_lora::pipeline::{GenerateConfig, StableDiffusion};
 use sd_lora::scheduler::SchedulerKind;
-
-fn psnr(a: &Tensor, b: &Tensor) -> f64 {
-    let mse = (a - b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    10.0 * (1.0 / mse.max(1e-20)).log10()
-}
-
-fn config(latents: &Tensor) -> GenerateConfig {
-    GenerateConfig {
-        prompt: "a red circle on a blue background".into(),
-        negative_prompt: "blurry, low quality".into(),
-        steps: 6,
-        guidance: 5.0,
-        scheduler: SchedulerKind::Ddim,
-        width: 32,
-        height: 32,
-        num_images: 2,
-        latents: Some(latents.clone()),
-        ..Default::default()
-    }
-}
 
 #[test]
 fn images_match_diffusers_without_and_with_lora() {
@@ -44,7 +17,7 @@ fn images_match_diffusers_without_and_with_lora() {
     let mut sd =
         StableDiffusion::from_folder(dir.path(), Some("fp16"), DType::F32, &Device::Cpu).unwrap();
     let r = load("tiny_pipeline/reference.safetensors");
-    let cfg = config(&r["pipe.latents"]);
+    let cfg = pipeline_config(&r["pipe.latents"]);
     let base = sd.generate(&cfg).unwrap();
     assert_eq!(base.images.len(), 2);
     assert_eq!(base.images[0].dimensions(), (32, 32));
@@ -368,7 +341,7 @@ fn half_precision_keeps_weights_in_f16() {
         .iter()
         .all(|l| l.weight().dtype() == DType::F16));
     let r = load("tiny_pipeline/reference.safetensors");
-    let imgs = sd.generate(&config(&r["pipe.latents"])).unwrap();
+    let imgs = sd.generate(&pipeline_config(&r["pipe.latents"])).unwrap();
     let p = psnr(&imgs.pixels, &r["pipe.image"]);
     println!("f16 pipeline vs diffusers f32: PSNR {p:.1} dB");
     assert!(p >= 30.0, "f16 PSNR {p}");

@@ -56,7 +56,40 @@ pub struct StructureArgs {
     pub model: String,
 }
 
+/// A LoRA file matched against a `--model` structure (see [`StructureArgs::match_file`]).
+pub struct MatchedFile {
+    pub unet_index: crate::lora::ModuleIndex,
+    pub te_index: crate::lora::ModuleIndex,
+    /// Every matching entry (no judgement).
+    pub plan: crate::lora::LoraPlan,
+    /// First keys of entries that match no module.
+    pub unmatched: Vec<String>,
+    /// `key: error` for matched entries whose tensors do not fit the layer.
+    pub misfits: Vec<String>,
+}
+
 impl StructureArgs {
+    /// Matches `file` against [`StructureArgs::models`], shapes included.
+    pub fn match_file(&self, file: &crate::lora::LoraFile) -> anyhow::Result<MatchedFile> {
+        use crate::lora::{apply, Component, LoraModel};
+        let (unet, te) = self.models()?;
+        let (ui, ti) = (unet.module_index()?, te.module_index()?);
+        let (plan, unmatched) = apply::match_entries(file, &[&ui, &ti])?;
+        let (us, ts) = (apply::layer_shapes(&unet)?, apply::layer_shapes(&te)?);
+        let misfits = apply::shape_mismatches(
+            file,
+            &plan,
+            &[(Component::Unet, &us), (Component::TextEncoder, &ts)],
+        );
+        Ok(MatchedFile {
+            unet_index: ui,
+            te_index: ti,
+            plan,
+            unmatched,
+            misfits,
+        })
+    }
+
     /// The UNet and the text encoder of `--model`, structure only (no weights read): the text
     /// encoder's from `text_encoder/config.json` in a pipeline folder, else tiny's for `tiny`
     /// and SD 1.5's otherwise.

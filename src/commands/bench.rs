@@ -169,6 +169,36 @@ impl std::fmt::Display for BenchReport {
     }
 }
 
+impl BenchReport {
+    /// A report of `kind` for `cfg` with `(median, min, max)` seconds and parameter counts;
+    /// memory and thread figures read now.
+    fn new(
+        kind: &str,
+        cfg: &BenchConfig,
+        (median_s, min_s, max_s): (f64, f64, f64),
+        trainable_params: usize,
+        total_params: usize,
+    ) -> Self {
+        Self {
+            kind: kind.into(),
+            model: cfg.model.clone(),
+            latent: cfg.latent,
+            batch: cfg.batch,
+            steps: cfg.steps,
+            median_s,
+            min_s,
+            max_s,
+            peak_rss_mib: peak_rss_mib(),
+            trainable_params,
+            total_params,
+            threads: candle_core::utils::get_num_threads(),
+            device: device_name(&cfg.device),
+            dtype: format!("{:?}", cfg.dtype).to_lowercase(),
+            gpu_mem_mib: crate::device::gpu_memory_used_mib(&cfg.device),
+        }
+    }
+}
+
 fn timed(cfg: &BenchConfig, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
     if cfg.steps == 0 {
         bail!("--steps must be at least 1");
@@ -240,29 +270,25 @@ pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
         trainer.optimizer_step(&objective, &group, usize::MAX)?;
         crate::device::synchronize(dev)
     })?;
-    Ok(BenchReport {
-        kind: "train".into(),
-        model: cfg.model.clone(),
-        latent: l,
-        batch: b,
-        steps: cfg.steps,
-        median_s,
-        min_s,
-        max_s,
-        peak_rss_mib: peak_rss_mib(),
-        trainable_params: summary.trainable_params,
-        total_params: summary.total_params,
-        threads: candle_core::utils::get_num_threads(),
-        device: device_name(dev),
-        dtype: format!("{dt:?}").to_lowercase(),
-        gpu_mem_mib: crate::device::gpu_memory_used_mib(dev),
-    })
+    Ok(BenchReport::new(
+        "train",
+        cfg,
+        (median_s, min_s, max_s),
+        summary.trainable_params,
+        summary.total_params,
+    ))
 }
 
 /// Applies `lora` to a random-weight pipeline (`tiny` or `sd15`) and removes it again, per
 /// timed step; the file is read once, outside the timing.
 pub fn bench_lora_load(cfg: &BenchConfig, lora: &std::path::Path) -> Result<BenchReport> {
     use crate::lora::{LoraFile, LoraLoad};
+    // no latents here: the report says so
+    let cfg = &BenchConfig {
+        latent: 0,
+        batch: 1,
+        ..cfg.clone()
+    };
     let dev = &cfg.device;
     let mut sd = random_pipeline(&cfg.model, cfg.dtype, dev)?;
     let file = LoraFile::open(lora)?;
@@ -275,23 +301,13 @@ pub fn bench_lora_load(cfg: &BenchConfig, lora: &std::path::Path) -> Result<Benc
     if let Some(a) = applied {
         eprintln!("{}: {a}", lora.display());
     }
-    Ok(BenchReport {
-        kind: "lora-load".into(),
-        model: cfg.model.clone(),
-        latent: 0,
-        batch: 1,
-        steps: cfg.steps,
-        median_s,
-        min_s,
-        max_s,
-        peak_rss_mib: peak_rss_mib(),
-        trainable_params: 0,
-        total_params: sd.unet.lora_summary()?.total_params,
-        threads: candle_core::utils::get_num_threads(),
-        device: device_name(dev),
-        dtype: format!("{:?}", cfg.dtype).to_lowercase(),
-        gpu_mem_mib: crate::device::gpu_memory_used_mib(dev),
-    })
+    Ok(BenchReport::new(
+        "lora-load",
+        cfg,
+        (median_s, min_s, max_s),
+        0,
+        sd.unet.lora_summary()?.total_params,
+    ))
 }
 
 /// A random-weight pipeline of `tiny` or `sd15` structure (the tokenizer from the CLIP BPE).
@@ -371,21 +387,11 @@ pub fn bench_generate(cfg: &BenchConfig) -> Result<BenchReport> {
         crate::device::synchronize(dev)
     })?;
     let total = sd.unet.lora_summary()?.total_params;
-    Ok(BenchReport {
-        kind: "generate".into(),
-        model: cfg.model.clone(),
-        latent: cfg.latent,
-        batch: cfg.batch,
-        steps: cfg.steps,
-        median_s,
-        min_s,
-        max_s,
-        peak_rss_mib: peak_rss_mib(),
-        trainable_params: 0,
-        total_params: total,
-        threads: candle_core::utils::get_num_threads(),
-        device: device_name(dev),
-        dtype: format!("{:?}", cfg.dtype).to_lowercase(),
-        gpu_mem_mib: crate::device::gpu_memory_used_mib(dev),
-    })
+    Ok(BenchReport::new(
+        "generate",
+        cfg,
+        (median_s, min_s, max_s),
+        0,
+        total,
+    ))
 }

@@ -6,7 +6,7 @@ use candle_core::DType;
 use std::path::PathBuf;
 
 use super::args::{SaveDType, StructureArgs};
-use crate::lora::{apply, Component, LoraFile, LoraFormat, LoraModel};
+use crate::lora::{apply, LoraFile, LoraFormat};
 
 /// `sd-lora convert`.
 #[derive(Debug, Clone, clap::Args)]
@@ -30,16 +30,12 @@ pub struct ConvertArgs {
 /// Reads `a.input`, matches it against the model structure (every tensor, shapes included)
 /// and writes it in `a.to` layout; returns a one-line report.
 pub fn convert(a: &ConvertArgs) -> Result<String> {
-    let (unet, te) = a.structure.models()?;
     let file = LoraFile::open(&a.input)?;
-    let (ui, ti) = (unet.module_index()?, te.module_index()?);
-    let plan = apply::plan(&file, &[&ui, &ti], false)?;
-    let (us, ts) = (apply::layer_shapes(&unet)?, apply::layer_shapes(&te)?);
-    let bad = apply::shape_mismatches(
-        &file,
-        &plan,
-        &[(Component::Unet, &us), (Component::TextEncoder, &ts)],
-    );
+    let m = a.structure.match_file(&file)?;
+    let (ui, ti) = (&m.unet_index, &m.te_index);
+    // unknown keys and unmatched adapters: refused with the names
+    let plan = apply::plan(&file, &[ui, ti], false)?;
+    let bad = &m.misfits;
     if !bad.is_empty() {
         bail!(
             "{}: {} adapters do not fit {} (another model?): {}",
@@ -55,7 +51,7 @@ pub fn convert(a: &ConvertArgs) -> Result<String> {
         "wrote {} ({:?}, {dtype:?}, {n} adapters: {})",
         a.out.display(),
         a.to,
-        apply::kind_table(&file, &[&ui, &ti])
+        apply::kind_table(&file, &[ui, ti])
             .iter()
             .map(|(k, row)| format!("{} {k}", row.layers))
             .collect::<Vec<_>>()

@@ -6,7 +6,7 @@ use candle_nn::VarMap;
 use std::path::PathBuf;
 
 use super::args::{count, StructureArgs};
-use crate::lora::{apply, Component, LoraConfig, LoraFile, LoraModel, LoraSummary};
+use crate::lora::{apply, LoraConfig, LoraFile, LoraModel, LoraSummary};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 
 /// `sd-lora inspect-model`.
@@ -77,10 +77,9 @@ pub struct InspectLoraArgs {
 pub fn inspect_lora(a: &InspectLoraArgs) -> Result<String> {
     let path = &a.file;
     let model = &a.structure.model;
-    let (unet, te) = a.structure.models()?;
     let file = LoraFile::open(path)?;
-    let (ui, ti) = (unet.module_index()?, te.module_index()?);
-    let (plan, unmatched) = apply::match_entries(&file, &[&ui, &ti])?;
+    let m = a.structure.match_file(&file)?;
+    let (ui, ti, plan, unmatched) = (&m.unet_index, &m.te_index, &m.plan, &m.unmatched);
     let params: usize = file.entries.iter().map(|e| e.weights.num_params()).sum();
     let mut out =
         format!(
@@ -91,7 +90,7 @@ pub fn inspect_lora(a: &InspectLoraArgs) -> Result<String> {
         file.entries.len(),
         crate::lora::group_digits(params)
     );
-    for (kind, row) in apply::kind_table(&file, &[&ui, &ti]) {
+    for (kind, row) in apply::kind_table(&file, &[ui, ti]) {
         let ranks: Vec<String> = row.ranks.iter().map(|r| r.to_string()).collect();
         out += &format!(
             "  {kind}: {} layers, rank {}, alpha {}\n",
@@ -126,15 +125,10 @@ pub fn inspect_lora(a: &InspectLoraArgs) -> Result<String> {
         out += &format!(
             "NOT MATCHED ({}; refused unless --allow-partial-lora): {}\n",
             unmatched.len(),
-            crate::lora::file::list_names(&unmatched, 10)
+            crate::lora::file::list_names(unmatched, 10)
         );
     }
-    let (us, ts) = (apply::layer_shapes(&unet)?, apply::layer_shapes(&te)?);
-    let mismatched = apply::shape_mismatches(
-        &file,
-        &plan,
-        &[(Component::Unet, &us), (Component::TextEncoder, &ts)],
-    );
+    let mismatched = &m.misfits;
     if !mismatched.is_empty() {
         out += &format!(
             "SHAPE MISMATCH ({}; refused): {}\n",

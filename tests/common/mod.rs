@@ -113,3 +113,33 @@ pub fn tiny_dataset(dir: &std::path::Path) -> sd_lora::data::ImageFolder {
     )
     .unwrap()
 }
+
+/// PSNR of images in [0, 1], dB.
+pub fn psnr(a: &Tensor, b: &Tensor) -> f64 {
+    let mse = (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    10.0 * (1.0 / mse.max(1e-20)).log10()
+}
+
+/// The tiny pipeline fixture's generation settings (make_golden_pipeline.py): the fifth
+/// prompt, a negative prompt, DDIM 6 steps, guidance 5, 32 px, two images from `latents`.
+pub fn pipeline_config(latents: &Tensor) -> sd_lora::pipeline::GenerateConfig {
+    sd_lora::pipeline::GenerateConfig {
+        prompt: "a red circle on a blue background".into(),
+        negative_prompt: "blurry, low quality".into(),
+        steps: 6,
+        guidance: 5.0,
+        scheduler: sd_lora::scheduler::SchedulerKind::Ddim,
+        width: 32,
+        height: 32,
+        num_images: 2,
+        latents: Some(latents.clone()),
+        ..Default::default()
+    }
+}

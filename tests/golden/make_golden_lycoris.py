@@ -83,12 +83,10 @@ def write_preset():
 
 
 def unet_cases():
-    unet_dir = os.path.join(DATA, "unet_a", "unet")
-    inputs = load_file(os.path.join(DATA, "unet_a", "inputs_square_b2.safetensors"))
-    args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+    args = unet_a_inputs()
     manifest = {}
     for i, (name, (kw, dtype)) in enumerate(CASES.items()):
-        unet = UNet2DConditionModel.from_pretrained(unet_dir).eval()
+        unet = UNet2DConditionModel.from_pretrained(UNET_A).eval()
         kw = dict(kw)
         dim, alpha = kw.pop("network_dim"), kw.pop("network_alpha")
         net = create_network(1.0, dim, alpha, None, None, unet, preset=PRESET, warn_on_unmatched=False, **kw)
@@ -107,32 +105,46 @@ def unet_cases():
     return manifest
 
 
-def diffusers_alpha_case():
-    """save_lora_weights with lora_alpha 8 at rank 4: diffusers scales by 2."""
-    unet_dir = os.path.join(DATA, "unet_a", "unet")
+UNET_A = os.path.join(DATA, "unet_a", "unet")
+
+
+def unet_a_inputs():
     inputs = load_file(os.path.join(DATA, "unet_a", "inputs_square_b2.safetensors"))
-    args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
-    torch.manual_seed(7)
-    unet = UNet2DConditionModel.from_pretrained(unet_dir).eval()
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
-                                init_lora_weights=False))
+    return inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]
+
+
+def diffusers_case(name, seed, config, tweak=None):
+    """A PEFT adapter on unet_a saved by diffusers' `save_lora_weights`; the reference output is
+    diffusers loading that file (with its `lora_adapter_metadata`) into a fresh UNet."""
+    args = unet_a_inputs()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(UNET_A).eval()
+    unet.add_adapter(config)
+    if tweak:
+        tweak(unet)
+    path = os.path.join(OUT, f"{name}.safetensors")
     StableDiffusionLoraLoaderMixin.save_lora_weights(OUT, unet_lora_layers=get_peft_model_state_dict(unet),
                                                      unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-                                                     weight_name="diffusers_alpha8.safetensors")
-    # the reference: diffusers loading that file into a fresh UNet
-    fresh = UNet2DConditionModel.from_pretrained(unet_dir).eval()
-    got = StableDiffusionLoraLoaderMixin.lora_state_dict(os.path.join(OUT, "diffusers_alpha8.safetensors"),
-                                                         return_lora_metadata=True)
-    sd, meta = got[0], got[-1]
-    fresh.load_lora_adapter(sd, prefix="unet", metadata=meta)
+                                                     weight_name=f"{name}.safetensors")
+    fresh = UNet2DConditionModel.from_pretrained(UNET_A).eval()
+    got = StableDiffusionLoraLoaderMixin.lora_state_dict(path, return_lora_metadata=True)
+    fresh.load_lora_adapter(got[0], prefix="unet", metadata=got[-1])
     with torch.no_grad():
         y = fresh(*args).sample
         y_own = unet(*args).sample
-    save_file({"sample": y.contiguous()}, os.path.join(OUT, "diffusers_alpha8_out.safetensors"))
-    print(f"diffusers alpha 8 rank 4: |y| {y.abs().mean():.4f}, vs the training model {(y - y_own).abs().max():.2e}")
-    # the same tensors under the older diffusers keys, with the same metadata
+    save_file({"sample": y.contiguous()}, os.path.join(OUT, f"{name}_out.safetensors"))
+    print(f"{name}: |y| {y.abs().mean():.4f}, vs the training model {(y - y_own).abs().max():.2e}")
+    return path
+
+
+def diffusers_alpha_case():
+    """lora_alpha 8 at rank 4 (diffusers scales by 2), and the same tensors under diffusers'
+    older `lora.down` keys with the same metadata."""
+    path = diffusers_case("diffusers_alpha8", 7, LoraConfig(
+        r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+        init_lora_weights=False))
     from safetensors import safe_open
-    with safe_open(os.path.join(OUT, "diffusers_alpha8.safetensors"), "pt") as f:
+    with safe_open(path, "pt") as f:
         meta = f.metadata()
         old = {k.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight"): f.get_tensor(k)
                for k in f.keys()}
@@ -140,31 +152,17 @@ def diffusers_alpha_case():
 
 
 def peft_dora_case():
-    """PEFT DoRA (use_dora, `lora_magnitude_vector`) saved by diffusers, loaded by diffusers."""
-    unet_dir = os.path.join(DATA, "unet_a", "unet")
-    inputs = load_file(os.path.join(DATA, "unet_a", "inputs_square_b2.safetensors"))
-    args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
-    torch.manual_seed(8)
-    unet = UNet2DConditionModel.from_pretrained(unet_dir).eval()
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=6, use_dora=True, init_lora_weights=False,
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "conv2"]))
-    with torch.no_grad():
-        for n, p in unet.named_parameters():
-            if "lora_magnitude_vector" in n:
-                p.mul_(1 + 0.1 * torch.randn(p.shape))
-    path = os.path.join(OUT, "peft_dora.safetensors")
-    StableDiffusionLoraLoaderMixin.save_lora_weights(OUT, unet_lora_layers=get_peft_model_state_dict(unet),
-                                                     unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-                                                     weight_name="peft_dora.safetensors")
-    fresh = UNet2DConditionModel.from_pretrained(unet_dir).eval()
-    got = StableDiffusionLoraLoaderMixin.lora_state_dict(path, return_lora_metadata=True)
-    fresh.load_lora_adapter(got[0], prefix="unet", metadata=got[-1])
-    with torch.no_grad():
-        y = fresh(*args).sample
-        y_own = unet(*args).sample
-    save_file({"sample": y.contiguous()}, os.path.join(OUT, "peft_dora_out.safetensors"))
+    """PEFT DoRA (use_dora, `lora_magnitude_vector`), magnitudes moved off their init."""
+    def tweak(unet):
+        with torch.no_grad():
+            for n, p in unet.named_parameters():
+                if "lora_magnitude_vector" in n:
+                    p.mul_(1 + 0.1 * torch.randn(p.shape))
+    path = diffusers_case("peft_dora", 8, LoraConfig(
+        r=4, lora_alpha=6, use_dora=True, init_lora_weights=False,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "conv2"]), tweak)
     keys = [k for k in load_file(path) if "magnitude" in k]
-    print(f"PEFT DoRA: {len(keys)} magnitude vectors ({keys[0]}), vs the training model {(y - y_own).abs().max():.2e}")
+    print(f"PEFT DoRA: {len(keys)} magnitude vectors ({keys[0]})")
 
 
 def pipeline_case():
