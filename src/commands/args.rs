@@ -60,33 +60,21 @@ pub struct StructureArgs {
 pub struct MatchedFile {
     pub unet_index: crate::lora::ModuleIndex,
     pub te_index: crate::lora::ModuleIndex,
-    /// Every matching entry (no judgement).
-    pub plan: crate::lora::LoraPlan,
-    /// First keys of entries that match no module.
-    pub unmatched: Vec<String>,
-    /// `key: error` for matched entries whose tensors do not fit the layer.
-    pub misfits: Vec<String>,
+    /// Every match, shapes checked, before any judgement.
+    pub matching: crate::lora::apply::Matching,
 }
 
 impl StructureArgs {
     /// Matches `file` against [`StructureArgs::models`], shapes included.
     pub fn match_file(&self, file: &crate::lora::LoraFile) -> anyhow::Result<MatchedFile> {
-        use crate::lora::{apply, Component, LoraModel};
+        use crate::lora::LoraModel;
         let (unet, te) = self.models()?;
         let (ui, ti) = (unet.module_index()?, te.module_index()?);
-        let (plan, unmatched) = apply::match_entries(file, &[&ui, &ti])?;
-        let (us, ts) = (apply::layer_shapes(&unet)?, apply::layer_shapes(&te)?);
-        let misfits = apply::shape_mismatches(
-            file,
-            &plan,
-            &[(Component::Unet, &us), (Component::TextEncoder, &ts)],
-        );
+        let matching = crate::lora::apply::match_entries(file, &[&ui, &ti])?;
         Ok(MatchedFile {
             unet_index: ui,
             te_index: ti,
-            plan,
-            unmatched,
-            misfits,
+            matching,
         })
     }
 

@@ -79,7 +79,8 @@ pub fn inspect_lora(a: &InspectLoraArgs) -> Result<String> {
     let model = &a.structure.model;
     let file = LoraFile::open(path)?;
     let m = a.structure.match_file(&file)?;
-    let (ui, ti, plan, unmatched) = (&m.unet_index, &m.te_index, &m.plan, &m.unmatched);
+    let (ui, ti) = (&m.unet_index, &m.te_index);
+    let (plan, unmatched) = (&m.matching.plan, &m.matching.unmatched);
     let params: usize = file.entries.iter().map(|e| e.weights.num_params()).sum();
     let mut out =
         format!(
@@ -128,10 +129,10 @@ pub fn inspect_lora(a: &InspectLoraArgs) -> Result<String> {
             crate::lora::file::list_names(unmatched, 10)
         );
     }
-    let mismatched = &m.misfits;
+    let mismatched = &m.matching.misfits;
     if !mismatched.is_empty() {
         out += &format!(
-            "SHAPE MISMATCH ({}; refused): {}\n",
+            "SHAPE MISMATCH ({}; refused unless --allow-partial-lora): {}\n",
             mismatched.len(),
             mismatched
                 .iter()
@@ -139,6 +140,13 @@ pub fn inspect_lora(a: &InspectLoraArgs) -> Result<String> {
                 .cloned()
                 .collect::<Vec<_>>()
                 .join("; ")
+        );
+    }
+    if !file.invalid.is_empty() {
+        out += &format!(
+            "MALFORMED ({}; refused unless --allow-partial-lora): {}\n",
+            file.invalid.len(),
+            crate::lora::file::list_names(&file.invalid, 5)
         );
     }
     if !file.unknown.is_empty() {

@@ -48,56 +48,77 @@ impl LoraLoad {
     }
 }
 
+/// One patchable layer of a model: its module path, weight shape (`[out, in]` or
+/// `[out, in, k, k]`), bias length and whether it is a convolution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerInfo {
+    pub module: String,
+    pub shape: Vec<usize>,
+    pub bias: Option<usize>,
+    pub conv: bool,
+}
+
 /// The names under which a model's modules may appear in files: the diffusers path, its
-/// aliases (CompVis names, `text_model.` with or without), each also with `_` for `.`.
+/// aliases (CompVis names, `text_model.` with or without), each also with `_` for `.`; and
+/// each module's shape, to check adapters before anything is applied.
 #[derive(Debug, Clone)]
 pub struct ModuleIndex {
     pub component: Component,
     map: HashMap<String, String>,
-    convs: HashSet<String>,
+    /// Names that two different modules share (refused rather than guessed).
+    ambiguous: HashMap<String, (String, String)>,
+    layers: HashMap<String, LayerInfo>,
 }
 
 impl ModuleIndex {
-    /// `modules` are the model's patchable module paths, each with whether it is a
-    /// convolution; `aliases` are (alias, module) pairs.
-    pub fn new(
-        component: Component,
-        modules: &[(String, bool)],
-        aliases: &[(String, String)],
-    ) -> Self {
-        let convs = modules
-            .iter()
-            .filter(|(_, c)| *c)
-            .map(|(m, _)| m.clone())
-            .collect();
-        let mut map = HashMap::new();
-        let mut add = |name: &str, module: &str| {
-            map.entry(name.to_string())
-                .or_insert_with(|| module.to_string());
-            map.entry(name.replace('.', "_"))
-                .or_insert_with(|| module.to_string());
+    /// `layers` are the model's patchable layers; `aliases` are (alias, module) pairs.
+    pub fn new(component: Component, layers: Vec<LayerInfo>, aliases: &[(String, String)]) -> Self {
+        let mut map: HashMap<String, String> = HashMap::new();
+        let mut ambiguous = HashMap::new();
+        let mut add = |name: String, module: &str| match map.get(&name) {
+            Some(m) if m != module => {
+                ambiguous.insert(name, (m.clone(), module.to_string()));
+            }
+            Some(_) => {}
+            None => {
+                map.insert(name, module.to_string());
+            }
         };
-        for (m, _) in modules {
-            add(m, m);
+        for l in &layers {
+            add(l.module.clone(), &l.module);
+            add(l.module.replace('.', "_"), &l.module);
         }
         for (a, m) in aliases {
-            add(a, m);
+            add(a.clone(), m);
+            add(a.replace('.', "_"), m);
         }
         Self {
             component,
             map,
-            convs,
+            ambiguous,
+            layers: layers.into_iter().map(|l| (l.module.clone(), l)).collect(),
         }
     }
 
     /// Is module path `module` a convolution (k x k or 1x1)?
     pub fn is_conv(&self, module: &str) -> bool {
-        self.convs.contains(module)
+        self.layers.get(module).is_some_and(|l| l.conv)
     }
 
-    /// The module an entry's name resolves to.
-    pub fn resolve(&self, name: &str) -> Option<&str> {
-        self.map.get(name).map(|s| s.as_str())
+    /// The layer behind module path `module`.
+    pub fn layer(&self, module: &str) -> Option<&LayerInfo> {
+        self.layers.get(module)
+    }
+
+    /// The module an entry's name resolves to; an error names both modules when two share it.
+    pub fn resolve(&self, name: &str) -> Result<Option<&str>> {
+        if let Some((a, b)) = self.ambiguous.get(name) {
+            bail!(
+                "`{name}` names both `{a}` and `{b}` of the {}",
+                self.component
+            );
+        }
+        Ok(self.map.get(name).map(|s| s.as_str()))
     }
 }
 
@@ -108,29 +129,46 @@ pub struct LoraPlan {
     pub targets: BTreeMap<Component, Vec<(usize, String)>>,
     /// Entries for components that were not loaded: (component, entries, tensors).
     pub not_loaded: BTreeMap<Component, (usize, usize)>,
-    /// Keys left out of a partial load (unknown keys and entries matching no module).
+    /// Keys left out of a partial load (unknown or malformed keys, entries matching no module
+    /// or not fitting it).
     pub left_out: Vec<String>,
 }
 
-/// Matches `file` against `models`; refuses unknown keys and unmatched entries unless
-/// `allow_partial` (then they are in [`LoraPlan::left_out`]).
+/// How a file matches models, before any judgement (see [`match_entries`]).
+#[derive(Debug, Clone, Default)]
+pub struct Matching {
+    /// The entries that match a module and fit it.
+    pub plan: LoraPlan,
+    /// First keys of entries that match no module.
+    pub unmatched: Vec<String>,
+    /// `key: why` for entries that match a module but do not fit it.
+    pub misfits: Vec<String>,
+}
+
+/// Matches `file` against `models`; refuses unknown or malformed keys and entries that match
+/// no module or do not fit it, unless `allow_partial` (then they are in
+/// [`LoraPlan::left_out`] and a warning names them).
 pub fn plan(file: &LoraFile, models: &[&ModuleIndex], allow_partial: bool) -> Result<LoraPlan> {
-    let (mut out, unmatched) = match_entries(file, models)?;
+    let Matching {
+        mut plan,
+        unmatched,
+        misfits,
+    } = match_entries(file, models)?;
     let mut problems = Vec::new();
-    if !file.unknown.is_empty() {
-        problems.push(format!(
-            "{} tensor(s) of no known LoRA layout: {}",
-            file.unknown.len(),
-            list_names(&file.unknown, 5)
-        ));
-    }
-    if !unmatched.is_empty() {
-        problems.push(format!(
-            "{} adapter(s) for modules this model does not have (a LoRA for another architecture?): {}",
-            unmatched.len(),
-            list_names(&unmatched, 5)
-        ));
-    }
+    let mut left_out = Vec::new();
+    let mut report = |what: &str, names: &[String]| {
+        if !names.is_empty() {
+            problems.push(format!("{} {what}: {}", names.len(), list_names(names, 5)));
+            left_out.extend(names.iter().cloned());
+        }
+    };
+    report("tensor(s) of no known LoRA layout", &file.unknown);
+    report("malformed adapter(s)", &file.invalid);
+    report(
+        "adapter(s) for modules this model does not have (a LoRA for another architecture?)",
+        &unmatched,
+    );
+    report("adapter(s) that do not fit their layer", &misfits);
     if !problems.is_empty() {
         if !allow_partial {
             bail!(
@@ -144,36 +182,49 @@ pub fn plan(file: &LoraFile, models: &[&ModuleIndex], allow_partial: bool) -> Re
             file.path.display(),
             problems.join("; ")
         );
-        out.left_out = file.unknown.clone();
-        out.left_out.extend(unmatched);
+        plan.left_out = left_out;
     }
-    Ok(out)
+    Ok(plan)
 }
 
-/// Matches entries to modules without judging: the plan and the first key of each entry
-/// that matches no module of its (loaded) component.
-pub fn match_entries(file: &LoraFile, models: &[&ModuleIndex]) -> Result<(LoraPlan, Vec<String>)> {
-    let mut out = LoraPlan::default();
-    let mut unmatched: Vec<String> = Vec::new();
+/// Matches entries to modules and checks that each fits its layer, without judging.
+pub fn match_entries(file: &LoraFile, models: &[&ModuleIndex]) -> Result<Matching> {
+    let mut out = Matching::default();
     for (i, e) in file.entries.iter().enumerate() {
-        match models.iter().find(|m| m.component == e.component) {
-            None => {
-                let n = out.not_loaded.entry(e.component).or_default();
-                n.0 += 1;
-                n.1 += e.keys.len();
+        let Some(m) = models.iter().find(|m| m.component == e.component) else {
+            let n = out.plan.not_loaded.entry(e.component).or_default();
+            n.0 += 1;
+            n.1 += e.keys.len();
+            continue;
+        };
+        let module = match m.resolve(&e.module) {
+            Ok(Some(module)) => module,
+            Ok(None) => {
+                out.unmatched.push(describe(e));
+                continue;
             }
-            Some(m) => match m.resolve(&e.module) {
-                Some(module) => out
-                    .targets
-                    .entry(e.component)
-                    .or_default()
-                    .push((i, module.to_string())),
-                None => unmatched.push(describe(e)),
-            },
+            Err(why) => {
+                out.unmatched.push(format!("{} ({why})", describe(e)));
+                continue;
+            }
+        };
+        if let Some(l) = m.layer(module) {
+            let p =
+                super::WeightPatch::new("check", e.weights.clone(), e.alpha, e.dora_scale.clone());
+            if let Err(why) = p.check(&l.shape, l.bias) {
+                out.misfits
+                    .push(format!("{}: {module}: {why:#}", describe(e)));
+                continue;
+            }
         }
+        out.plan
+            .targets
+            .entry(e.component)
+            .or_default()
+            .push((i, module.to_string()));
     }
     // two entries on one module (e.g. the same layer under two name layouts) would add twice
-    for list in out.targets.values() {
+    for list in out.plan.targets.values() {
         let mut seen: HashMap<&str, usize> = HashMap::new();
         for (i, m) in list {
             if let Some(j) = seen.insert(m.as_str(), *i) {
@@ -186,7 +237,7 @@ pub fn match_entries(file: &LoraFile, models: &[&ModuleIndex]) -> Result<(LoraPl
             }
         }
     }
-    Ok((out, unmatched))
+    Ok(out)
 }
 
 fn describe(e: &LoraEntry) -> String {
@@ -309,7 +360,7 @@ pub fn kind_table(file: &LoraFile, models: &[&ModuleIndex]) -> BTreeMap<String, 
     let mut t: BTreeMap<String, KindRow> = BTreeMap::new();
     for e in &file.entries {
         let index = models.iter().find(|m| m.component == e.component);
-        let module = index.and_then(|m| m.resolve(&e.module));
+        let module = index.and_then(|m| m.resolve(&e.module).ok().flatten());
         let conv = match (index, module) {
             (Some(i), Some(m)) => i.is_conv(m),
             _ => e.is_spatial(),
@@ -342,44 +393,26 @@ pub fn kind_table(file: &LoraFile, models: &[&ModuleIndex]) -> BTreeMap<String, 
     t
 }
 
-/// Module path -> (weight shape, bias length) of every patchable layer of `m`.
-pub type LayerShapes = HashMap<String, (Vec<usize>, Option<usize>)>;
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The shapes of `m`'s patchable layers (for checks without touching weights).
-pub fn layer_shapes<M: super::LoraModel>(m: &M) -> Result<LayerShapes> {
-    let mut out = HashMap::new();
-    m.visit_patchables(&mut |p| {
-        out.insert(p.name().to_string(), (p.weight_shape(), p.bias_len()));
-        Ok(())
-    })?;
-    Ok(out)
-}
-
-/// `key: error` for each planned adapter whose tensors do not fit its layer.
-pub fn shape_mismatches(
-    file: &LoraFile,
-    plan: &LoraPlan,
-    shapes: &[(Component, &LayerShapes)],
-) -> Vec<String> {
-    let mut out = Vec::new();
-    for (c, list) in &plan.targets {
-        let Some((_, s)) = shapes.iter().find(|(x, _)| x == c) else {
-            continue;
-        };
-        for (i, module) in list {
-            let e = &file.entries[*i];
-            if let Some((shape, bias)) = s.get(module) {
-                let p = super::WeightPatch::new(
-                    "check",
-                    e.weights.clone(),
-                    e.alpha,
-                    e.dora_scale.clone(),
-                );
-                if let Err(err) = p.check(shape, *bias) {
-                    out.push(format!("`{}`: {err:#}", e.keys[0]));
-                }
-            }
+    fn layer(m: &str) -> LayerInfo {
+        LayerInfo {
+            module: m.into(),
+            shape: vec![4, 4],
+            bias: None,
+            conv: false,
         }
     }
-    out
+
+    #[test]
+    fn names_two_modules_share_are_refused_not_guessed() {
+        // `a_b.c` and `a.b_c` are both `a_b_c` with underscores
+        let idx = ModuleIndex::new(Component::Unet, vec![layer("a_b.c"), layer("a.b_c")], &[]);
+        assert_eq!(idx.resolve("a_b.c").unwrap(), Some("a_b.c"));
+        let err = idx.resolve("a_b_c").unwrap_err().to_string();
+        assert!(err.contains("a_b.c") && err.contains("a.b_c"), "{err}");
+        assert_eq!(idx.resolve("nothing").unwrap(), None);
+    }
 }

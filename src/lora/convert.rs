@@ -11,12 +11,12 @@
 //!   component). PEFT has no LoHa/LoKr/full/Tucker LoRA in diffusers' loader, nor input-axis
 //!   DoRA: those files are refused with the reason.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use super::apply::LoraPlan;
+use super::apply::{LoraPlan, ModuleIndex};
 use super::file::{LoraEntry, LoraFile};
 use super::io::LoraFormat;
 use super::keys::Component;
@@ -28,6 +28,7 @@ use crate::io::write_safetensors_atomic;
 pub fn convert_file(
     file: &LoraFile,
     plan: &LoraPlan,
+    models: &[&ModuleIndex],
     to: LoraFormat,
     dtype: DType,
     out: impl AsRef<Path>,
@@ -69,8 +70,11 @@ pub fn convert_file(
                         put(&mut tensors, format!("{stem}.{part}"), &t)?;
                     }
                     if let Some(a) = e.alpha {
-                        let a = Tensor::new(a as f32, &Device::Cpu)?;
-                        put(&mut tensors, format!("{stem}.alpha"), &a)?;
+                        // f32 whatever --save-dtype: bf16 would turn 0.3 into 0.30078
+                        tensors.insert(
+                            format!("{stem}.alpha"),
+                            Tensor::new(a as f32, &Device::Cpu)?,
+                        );
                     }
                 }
                 LoraFormat::Peft => {
@@ -80,7 +84,12 @@ pub fn convert_file(
                         _ if module.starts_with("text_model.") => ("text_encoder", module.clone()),
                         _ => ("text_encoder", format!("text_model.{module}")),
                     };
-                    let (down, up) = peft_parts(e).map_err(|why| {
+                    let layer = models
+                        .iter()
+                        .find(|x| x.component == *c)
+                        .and_then(|x| x.layer(module))
+                        .with_context(|| format!("{show}: no layer `{module}` to convert for"))?;
+                    let (down, up) = peft_parts(e, &layer.shape).map_err(|why| {
                         anyhow::anyhow!(
                             "{show}: `{}` cannot be written for PEFT/diffusers: {why}; convert to kohya instead (A1111, ComfyUI and LyCORIS read every kind)",
                             e.keys[0]
@@ -91,7 +100,7 @@ pub fn convert_file(
                     if let Some(d) = &e.dora_scale {
                         let out = up.dim(0)?;
                         // PEFT keeps [out] for linear layers, [1, out, 1, 1] for convolutions
-                        let mag = if down.rank() == 4 {
+                        let mag = if layer.shape.len() == 4 {
                             d.reshape((1, out, 1, 1))?
                         } else {
                             d.reshape(out)?
@@ -214,8 +223,9 @@ fn kohya_parts(e: &LoraEntry) -> Vec<(&'static str, Tensor)> {
     v
 }
 
-/// `(lora_A, lora_B)` of an entry PEFT can hold, or why not.
-fn peft_parts(e: &LoraEntry) -> std::result::Result<(Tensor, Tensor), String> {
+/// `(lora_A, lora_B)` of an entry PEFT can hold, shaped for the layer (`[r, in]`/`[out, r]`
+/// for linear layers, `[r, in, k, k]`/`[out, r, 1, 1]` for convolutions), or why not.
+fn peft_parts(e: &LoraEntry, layer: &[usize]) -> std::result::Result<(Tensor, Tensor), String> {
     let PatchWeights::Lora { down, up, mid } = &e.weights else {
         return Err(format!("PEFT/diffusers have no {} adapters", e.kind()));
     };
@@ -224,14 +234,27 @@ fn peft_parts(e: &LoraEntry) -> std::result::Result<(Tensor, Tensor), String> {
     }
     if let Some(d) = &e.dora_scale {
         let out = up.dims()[0];
-        if !(d.elem_count() == out && (d.rank() == 1 || d.dims()[0] == out)) {
+        if !(d.elem_count() == out && (d.rank() == 1 || d.dims().first() == Some(&out))) {
             return Err(format!(
                 "its DoRA magnitude {:?} is on the input axis; PEFT's is per output row",
                 d.dims()
             ));
         }
     }
-    Ok((down.clone(), up.clone()))
+    let r = down.dims()[0];
+    let out = up.dims()[0];
+    let (a_shape, b_shape): (Vec<usize>, Vec<usize>) = match layer {
+        [_, i] => (vec![r, *i], vec![out, r]),
+        [_, i, rest @ ..] => {
+            let mut a = vec![r, *i];
+            a.extend(rest);
+            (a, vec![out, r, 1, 1])
+        }
+        other => return Err(format!("a layer of shape {other:?}")),
+    };
+    let a = down.reshape(a_shape).map_err(|e| e.to_string())?;
+    let b = up.reshape(b_shape).map_err(|e| e.to_string())?;
+    Ok((a, b))
 }
 
 /// diffusers' `lora_adapter_metadata` for (module, rank, alpha, dora) per component: the most

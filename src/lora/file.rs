@@ -38,7 +38,8 @@ impl LoraEntry {
             PatchWeights::Lora { down, mid, .. } => {
                 mid.is_none()
                     && self.dora_scale.is_none()
-                    && (down.rank() == 2 || down.dims()[2..].iter().all(|&d| d == 1))
+                    && down.rank() >= 2
+                    && down.dims()[2..].iter().all(|&d| d == 1)
             }
             _ => false,
         }
@@ -54,7 +55,7 @@ impl LoraEntry {
             },
             PatchWeights::Full { diff, .. } => diff,
         };
-        t.dims()[2..].iter().any(|&d| d > 1)
+        t.dims().iter().skip(2).any(|&d| d > 1)
     }
     /// The alpha that applies (`None` for kinds without alpha).
     pub fn effective_alpha(&self) -> Option<f64> {
@@ -76,6 +77,9 @@ pub struct LoraFile {
     /// Keys that are no part of any adapter kind we know (refused unless a partial load is
     /// asked for).
     pub unknown: Vec<String>,
+    /// `key: why` for tensors of known parts that make no valid adapter (a `lora_down`
+    /// without its `lora_up`, factors that do not chain, ...): refused like unknown keys.
+    pub invalid: Vec<String>,
     /// The safetensors header metadata.
     pub metadata: HashMap<String, String>,
     /// The tensors' storage dtype(s).
@@ -138,23 +142,25 @@ impl LoraFile {
             LoraFormat::Kohya
         };
         let mut entries = Vec::new();
+        let mut invalid = Vec::new();
         for ((component, module), parts) in groups {
             let keys: Vec<String> = parts.values().map(|(k, _)| k.clone()).collect();
-            let e = build_entry(component, &module, parts, &alphas, format)
-                .with_context(|| format!("{show}: module `{module}` ({})", keys.join(", ")))?;
-            match e {
-                Some(e) => entries.push(e),
+            match build_entry(component, &module, parts, &alphas, format) {
+                Ok(Some(e)) => entries.push(e),
                 // only an alpha, a scalar or a magnitude with nothing to scale
-                None => unknown.extend(keys),
+                Ok(None) => unknown.extend(keys),
+                Err(why) => invalid.push(format!("{} ({why:#})", keys.join(", "))),
             }
         }
         if entries.is_empty() {
             bail!(
                 "{show}: no LoRA tensors found (expected kohya `lora_unet_*`/`lora_te_*` keys with lora_down/lora_up, hada_*, lokr_* or diff parts, or diffusers/PEFT `lora_A`/`lora_B`){}",
-                if unknown.is_empty() {
+                if unknown.is_empty() && invalid.is_empty() {
                     String::new()
                 } else {
-                    format!("; keys seen: {}", list_names(&unknown, 5))
+                    let mut seen = invalid.clone();
+                    seen.extend(unknown.iter().cloned());
+                    format!("; keys seen: {}", list_names(&seen, 5))
                 }
             );
         }
@@ -163,6 +169,7 @@ impl LoraFile {
             format,
             entries,
             unknown,
+            invalid,
             metadata,
             dtypes,
         })
@@ -292,6 +299,18 @@ fn build_entry(
         (None, LoraFormat::Kohya) => None,
         (None, _) => alphas.alpha_for(component, module, weights.rank()),
     };
+    check_ranks(&weights)?;
+    if dora.is_some() && weights.kind() == AdapterKind::Full {
+        bail!("a DoRA magnitude on a full difference (no such kind in LyCORIS)");
+    }
+    if let PatchWeights::LoKr {
+        w2: KronFactor::Full(_),
+        t2: Some(_),
+        ..
+    } = &weights
+    {
+        bail!("`lokr_t2` with a whole `lokr_w2` (the Tucker core needs `lokr_w2_a`/`lokr_w2_b`)");
+    }
     if !parts.is_empty() {
         let left: Vec<String> = parts.values().map(|(k, _)| k.clone()).collect();
         bail!(
@@ -309,6 +328,70 @@ fn build_entry(
         alpha,
         dora_scale: dora,
     }))
+}
+
+/// Factors must be at least 2-D and ranks at least 1 (alpha / 0 would be infinite).
+fn check_ranks(w: &PatchWeights) -> Result<()> {
+    let two_d = |t: &Tensor, n: &str| -> Result<()> {
+        match t.dims() {
+            [r, _, ..] if *r > 0 => Ok(()),
+            d => {
+                bail!("`{n}` has shape {d:?}: needs at least 2 dimensions and a rank of 1 or more")
+            }
+        }
+    };
+    match w {
+        PatchWeights::Lora { down, up, mid } => {
+            two_d(down, "lora_down")?;
+            two_d(up, "lora_up")?;
+            if let Some(m) = mid {
+                two_d(m, "lora_mid")?;
+            }
+        }
+        PatchWeights::LoHa {
+            w1a,
+            w1b,
+            w2a,
+            w2b,
+            t,
+        } => {
+            for (t, n) in [
+                (w1a, "hada_w1_a"),
+                (w1b, "hada_w1_b"),
+                (w2a, "hada_w2_a"),
+                (w2b, "hada_w2_b"),
+            ] {
+                two_d(t, n)?;
+            }
+            if let Some((a, b)) = t {
+                two_d(a, "hada_t1")?;
+                two_d(b, "hada_t2")?;
+            }
+        }
+        PatchWeights::LoKr { w1, w2, t2 } => {
+            for (f, n) in [(w1, "lokr_w1"), (w2, "lokr_w2")] {
+                match f {
+                    KronFactor::Full(t) => two_d(t, n)?,
+                    KronFactor::LowRank(a, b) => {
+                        two_d(a, n)?;
+                        two_d(b, n)?;
+                    }
+                }
+            }
+            if let Some(t) = t2 {
+                two_d(t, "lokr_t2")?;
+            }
+        }
+        PatchWeights::Full { diff, .. } => {
+            if diff.rank() < 2 {
+                bail!(
+                    "`diff` has shape {:?}: needs the layer's weight shape",
+                    diff.dims()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -345,7 +428,13 @@ impl MetaAlphas {
                 v.get(format!("{prefix}{k}"))
                     .or_else(|| (c == Component::Unet).then(|| v.get(k)).flatten())
             };
-            let alpha = get("lora_alpha").and_then(|a| a.as_f64());
+            let has_any = v
+                .as_object()
+                .is_some_and(|o| o.keys().any(|k| k.starts_with(prefix)));
+            // PEFT's LoraConfig default when the key is absent
+            let alpha = get("lora_alpha")
+                .and_then(|a| a.as_f64())
+                .or(has_any.then_some(8.0));
             let rslora = get("use_rslora").and_then(|a| a.as_bool()).unwrap_or(false);
             let mut pattern = Vec::new();
             if let Some(p) = get("alpha_pattern").and_then(|p| p.as_object()) {
@@ -362,16 +451,130 @@ impl MetaAlphas {
     }
 
     /// Alpha such that `alpha / rank` is PEFT's scaling (with rsLoRA, `alpha / sqrt(rank)`).
+    /// Pattern keys match as PEFT's `(.*\.)?key$` does for plain names, with the module's
+    /// name with and without `text_model.`; where several match, the longest (most specific)
+    /// wins (PEFT takes the first in the file's order, which these names do not keep). A
+    /// component with metadata but no `lora_alpha` gets PEFT's default, 8.
     fn alpha_for(&self, c: Component, module: &str, rank: Option<usize>) -> Option<f64> {
         let (alpha, pattern, rslora) = self.per.get(&c)?;
+        let short = module.strip_prefix("text_model.").unwrap_or(module);
+        let long = format!("text_model.{short}");
         let a = pattern
             .iter()
-            .find(|(p, _)| super::config::target_matches(p, module))
+            .filter(|(p, _)| {
+                [module, short, long.as_str()]
+                    .iter()
+                    .any(|m| super::config::target_matches(p, m))
+            })
+            .max_by_key(|(p, _)| p.len())
             .map(|(_, a)| *a)
             .or(*alpha);
         match (rslora, rank) {
             (true, Some(r)) => Some(a.unwrap_or(r as f64) * (r as f64).sqrt()),
             _ => a,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(keys: &[(&str, Vec<usize>)], meta: Option<&str>) -> LoraFile {
+        let tensors = keys
+            .iter()
+            .map(|(k, s)| {
+                (
+                    k.to_string(),
+                    Tensor::ones(s.as_slice(), DType::F32, &Device::Cpu).unwrap(),
+                )
+            })
+            .collect();
+        let mut m = HashMap::new();
+        if let Some(j) = meta {
+            m.insert("lora_adapter_metadata".to_string(), j.to_string());
+        }
+        LoraFile::from_tensors(Path::new("t.safetensors"), tensors, m).unwrap()
+    }
+
+    #[test]
+    fn metadata_alphas_follow_peft() {
+        let meta = r#"{"unet.lora_alpha": 8, "unet.alpha_pattern": {"to_k": 3, "attn2.to_k": 5},
+                       "text_encoder.r": 4, "text_encoder.alpha_pattern": {"encoder.layers.0.mlp.fc1": 2}}"#;
+        let f = file(
+            &[
+                ("unet.a.attn1.to_k.lora_A.weight", vec![4, 6]),
+                ("unet.a.attn1.to_k.lora_B.weight", vec![6, 4]),
+                ("unet.a.attn2.to_k.lora_A.weight", vec![4, 6]),
+                ("unet.a.attn2.to_k.lora_B.weight", vec![6, 4]),
+                ("unet.a.attn2.to_q.lora_A.weight", vec![4, 6]),
+                ("unet.a.attn2.to_q.lora_B.weight", vec![6, 4]),
+                (
+                    "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight",
+                    vec![4, 6],
+                ),
+                (
+                    "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_B.weight",
+                    vec![6, 4],
+                ),
+                (
+                    "text_encoder.text_model.encoder.layers.0.mlp.fc2.lora_A.weight",
+                    vec![4, 6],
+                ),
+                (
+                    "text_encoder.text_model.encoder.layers.0.mlp.fc2.lora_B.weight",
+                    vec![6, 4],
+                ),
+            ],
+            Some(meta),
+        );
+        let alpha = |m: &str| file_alpha(&f, m);
+        assert_eq!(alpha("a.attn1.to_k"), Some(3.0));
+        assert_eq!(
+            alpha("a.attn2.to_k"),
+            Some(5.0),
+            "the more specific pattern"
+        );
+        assert_eq!(alpha("a.attn2.to_q"), Some(8.0));
+        assert_eq!(
+            alpha("text_model.encoder.layers.0.mlp.fc1"),
+            Some(2.0),
+            "with text_model."
+        );
+        assert_eq!(
+            alpha("text_model.encoder.layers.0.mlp.fc2"),
+            Some(8.0),
+            "PEFT's default"
+        );
+    }
+
+    fn file_alpha(f: &LoraFile, module: &str) -> Option<f64> {
+        f.entries
+            .iter()
+            .find(|e| e.module == module)
+            .and_then(|e| e.alpha)
+    }
+
+    #[test]
+    fn malformed_adapters_are_listed_not_fatal() {
+        let f = file(
+            &[
+                ("lora_unet_a.lora_down.weight", vec![4, 6]),
+                ("lora_unet_a.lora_up.weight", vec![6, 4]),
+                ("lora_unet_b.lora_down.weight", vec![4, 6]),
+                ("lora_unet_c.lora_down.weight", vec![0, 6]),
+                ("lora_unet_c.lora_up.weight", vec![6, 0]),
+                ("lora_unet_d.diff", vec![6]),
+                ("lora_unet_e.lokr_w1", vec![2, 2]),
+                ("lora_unet_e.lokr_w2", vec![3, 3]),
+                ("lora_unet_e.lokr_t2", vec![2, 2, 3, 3]),
+            ],
+            None,
+        );
+        assert_eq!(f.entries.len(), 1);
+        assert_eq!(f.invalid.len(), 4, "{:?}", f.invalid);
+        assert!(f.invalid[0].contains("lora_unet_b.lora_down.weight"));
+        assert!(f.invalid.iter().any(|x| x.contains("rank of 1")));
+        assert!(f.invalid.iter().any(|x| x.contains("lokr_t2")));
     }
 }

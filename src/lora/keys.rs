@@ -117,6 +117,9 @@ const PREFIXES: &[(&str, Component)] = &[
     ("unet.", Component::Unet),
     ("text_encoder_2.", Component::TextEncoder2),
     ("text_encoder.", Component::TextEncoder),
+    // ComfyUI's names for the SD 1.x CLIP-L and SDXL's CLIP-G
+    ("text_encoders.clip_l.transformer.", Component::TextEncoder),
+    ("text_encoders.clip_g.transformer.", Component::TextEncoder2),
 ];
 
 /// Splits `key`; `None` when no known part suffix ends it.
@@ -129,7 +132,12 @@ pub fn parse_key(key: &str) -> Option<ParsedKey> {
     let (component, module) = PREFIXES
         .iter()
         .find_map(|(p, c)| stem.strip_prefix(p).map(|m| (*c, m)))
-        .unwrap_or((Component::Unet, stem));
+        .unwrap_or(if stem.starts_with("text_model.") {
+            // a PEFT file saved from a CLIP text model
+            (Component::TextEncoder, stem)
+        } else {
+            (Component::Unet, stem)
+        });
     if module.is_empty() {
         return None;
     }
@@ -219,6 +227,18 @@ mod tests {
         assert_eq!(
             p("unet.conv_in.lora_magnitude_vector"),
             (Unet, "conv_in".into(), Part::Magnitude)
+        );
+        assert_eq!(
+            p("base_model.model.text_model.encoder.layers.0.mlp.fc1.lora_A.weight"),
+            (
+                TextEncoder,
+                "text_model.encoder.layers.0.mlp.fc1".into(),
+                Part::Down
+            )
+        );
+        assert_eq!(
+            p("text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.lora_up.weight"),
+            (TextEncoder, "text_model.encoder.layers.0.mlp.fc1".into(), Part::Up)
         );
         assert_eq!(parse_key("lora_unet_conv_in.weird_thing"), None);
         assert_eq!(parse_key(".alpha"), None);

@@ -277,6 +277,17 @@ impl LoraLinear {
         if self.is_merged() || active.is_empty() {
             return Ok(());
         }
+        if self
+            .patches
+            .list()
+            .iter()
+            .any(|p| p.is_active() && p.dora_scale.is_some())
+        {
+            bail!(
+                "{}: a DoRA patch normalises the weight without the LoRA adapters beside it; merging them would change that (keep them unmerged)",
+                self.name
+            );
+        }
         let mut merged = self.weight.to_dtype(DType::F32)?;
         for ad in active {
             merged = (merged + (ad.delta_weight()? * ad.scale)?)?;

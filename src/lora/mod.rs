@@ -59,14 +59,19 @@ pub trait LoraModel: Clone {
 
     /// The names a file may use for this model's modules.
     fn module_index(&self) -> Result<ModuleIndex> {
-        let mut names = Vec::new();
+        let mut layers = Vec::new();
         self.visit_patchables(&mut |p| {
-            names.push((p.name().to_string(), p.is_conv()));
+            layers.push(apply::LayerInfo {
+                module: p.name().to_string(),
+                shape: p.weight_shape(),
+                bias: p.bias_len(),
+                conv: p.is_conv(),
+            });
             Ok(())
         })?;
         Ok(ModuleIndex::new(
             self.lora_component(),
-            &names,
+            layers,
             &self.module_aliases()?,
         ))
     }
@@ -206,6 +211,12 @@ pub trait LoraModel: Clone {
             let Some(e) = by_module.get(l.name()) else {
                 return Ok(());
             };
+            // one adapter name per layer, whether trainable or a patch
+            if l.adapter_named(adapter).is_some()
+                || l.patches().list().iter().any(|x| x.adapter == adapter)
+            {
+                bail!("{}: already has an adapter named `{adapter}`", l.name());
+            }
             if !e.is_plain_lora() {
                 return Ok(());
             }
@@ -327,6 +338,16 @@ pub trait LoraModel: Clone {
         Ok(names)
     }
 
+    /// Fails, before anything changes, when a layer is merged (`what` says what was asked).
+    fn ensure_unmerged(&self, what: &str) -> Result<()> {
+        self.visit_linears(&mut |l| {
+            if l.is_merged() {
+                bail!("{}: unmerge before {what}", l.name());
+            }
+            Ok(())
+        })
+    }
+
     /// Runtime strength of adapter `name` only.
     fn set_adapter_scale(&mut self, name: &str, scale: f64) -> Result<()> {
         if !scale.is_finite() {
@@ -339,10 +360,8 @@ pub trait LoraModel: Clone {
                 names.join(", ")
             );
         }
+        self.ensure_unmerged("changing the LoRA scale")?;
         self.for_each_linear(&mut |l| {
-            if l.is_merged() {
-                bail!("{}: unmerge before changing the LoRA scale", l.name());
-            }
             for ad in l.adapters_mut().iter_mut().filter(|a| a.name == name) {
                 ad.scale = scale;
             }
@@ -362,10 +381,8 @@ pub trait LoraModel: Clone {
         if !scale.is_finite() {
             bail!("LoRA scale must be finite, got {scale}");
         }
+        self.ensure_unmerged("changing the LoRA scale")?;
         self.for_each_linear(&mut |l| {
-            if l.is_merged() {
-                bail!("{}: unmerge before changing the LoRA scale", l.name());
-            }
             for ad in l.adapters_mut() {
                 ad.scale = scale;
             }
@@ -376,10 +393,8 @@ pub trait LoraModel: Clone {
 
     /// Switches every adapter on or off without touching its weights.
     fn set_lora_enabled(&mut self, enabled: bool) -> Result<()> {
+        self.ensure_unmerged("enabling or disabling LoRA")?;
         self.for_each_linear(&mut |l| {
-            if l.is_merged() {
-                bail!("{}: unmerge before enabling or disabling LoRA", l.name());
-            }
             for ad in l.adapters_mut() {
                 ad.enabled = enabled;
             }

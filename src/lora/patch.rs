@@ -153,6 +153,12 @@ impl PatchWeights {
             Ok(())
         }
         let dims = |t: &Tensor| t.dims().to_vec();
+        let second = |t: &Tensor| -> Result<usize> {
+            t.dims()
+                .get(1)
+                .copied()
+                .with_context(|| format!("a Tucker factor of shape {:?} is not 2-D", t.dims()))
+        };
         Ok(match self {
             PatchWeights::Lora { down, up, mid } => match mid {
                 None => {
@@ -186,7 +192,7 @@ impl PatchWeights {
                         Some(t) => {
                             inner(t, 0, a, 0, "hada_t x hada_w_a")?;
                             inner(t, 1, b, 0, "hada_t x hada_w_b")?;
-                            let mut s = vec![a.dims()[1], b.dims()[1]];
+                            let mut s = vec![second(a)?, second(b)?];
                             s.extend_from_slice(&t.dims()[2..]);
                             Ok(s)
                         }
@@ -218,7 +224,7 @@ impl PatchWeights {
                     (KronFactor::LowRank(a, b), Some(t)) => {
                         inner(t, 0, a, 0, "lokr_t2 x lokr_w2_a")?;
                         inner(t, 1, b, 0, "lokr_t2 x lokr_w2_b")?;
-                        let mut s = vec![a.dims()[1], b.dims()[1]];
+                        let mut s = vec![second(a)?, second(b)?];
                         s.extend_from_slice(&t.dims()[2..]);
                         s
                     }
@@ -395,7 +401,12 @@ impl WeightPatch {
     /// names the layer, not at the first forward).
     pub fn check(&self, shape: &[usize], bias: Option<usize>) -> Result<()> {
         let rebuilt = self.weights.product_shape()?;
-        if rebuilt.iter().product::<usize>() != shape.iter().product::<usize>() {
+        // the same number of values, the same outputs, and the same inputs unless the
+        // adapter stores the kernel flattened into them (`[out, in·k·k]`)
+        let fits = rebuilt.iter().product::<usize>() == shape.iter().product::<usize>()
+            && rebuilt.first() == shape.first()
+            && (rebuilt.len() == 2 || rebuilt.get(1) == shape.get(1));
+        if !fits {
             bail!(
                 "the {} adapter rebuilds a weight of shape {rebuilt:?}, the layer's is {shape:?}",
                 self.weights.kind()
@@ -514,7 +525,12 @@ impl PatchSet {
     /// Adds a patch (checked by the caller) and recomputes.
     pub fn push(&mut self, p: WeightPatch, base: &Tensor, bias: Option<&Tensor>) -> Result<()> {
         self.patches.push(p);
-        self.refresh(base, bias)
+        if let Err(e) = self.refresh(base, bias) {
+            self.patches.pop();
+            self.refresh(base, bias)?;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Changes patches (strength, on/off) through `f`, then recomputes.
@@ -524,11 +540,16 @@ impl PatchSet {
         bias: Option<&Tensor>,
         f: &mut dyn FnMut(&mut WeightPatch),
     ) -> Result<()> {
-        if self.patches.is_empty() {
-            return Ok(());
+        let mut changed = false;
+        for p in &mut self.patches {
+            let before = (p.scale, p.enabled);
+            f(p);
+            changed |= before != (p.scale, p.enabled);
         }
-        self.patches.iter_mut().for_each(f);
-        self.refresh(base, bias)
+        if changed {
+            self.refresh(base, bias)?;
+        }
+        Ok(())
     }
 
     /// Drops every patch.
@@ -578,4 +599,129 @@ pub trait Patchable {
     fn clear_patches(&mut self);
     /// True for convolutions with a k x k kernel (k > 1) or 1x1 convolutions.
     fn is_conv(&self) -> bool;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn kron_is_torch_kron() {
+        // kron([[1,2],[3,4]], [[0,5],[6,7]]) by hand
+        let a = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[[0f32, 5.], [6., 7.]], &Device::Cpu).unwrap();
+        let k = kron(&a, &b).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(k[0], vec![0., 5., 0., 10.]);
+        assert_eq!(k[1], vec![6., 7., 12., 14.]);
+        assert_eq!(k[3], vec![18., 21., 24., 28.]);
+    }
+
+    #[test]
+    fn tucker_without_spatial_is_a_product() {
+        // t [r1, r2], a [r1, p], b [r2, q]: a^T t b
+        let (core, a, b) = (t(&[2, 3]), t(&[2, 4]), t(&[3, 5]));
+        let want = a.t().unwrap().matmul(&core).unwrap().matmul(&b).unwrap();
+        let got = tucker(&core, &a, &b).unwrap();
+        let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+
+    #[test]
+    fn checks_refuse_what_does_not_fit() {
+        let full = |d: Tensor| {
+            WeightPatch::new(
+                "x",
+                PatchWeights::Full {
+                    diff: d,
+                    diff_b: None,
+                },
+                None,
+                None,
+            )
+        };
+        // transposed: same count, other layout
+        assert!(full(t(&[4, 6])).check(&[6, 4], None).is_err());
+        assert!(full(t(&[6, 4])).check(&[6, 4], None).is_ok());
+        // LoHa stores convolutions flattened: [out, in·k·k] fits [out, in, k, k]
+        let loha = WeightPatch::new(
+            "x",
+            PatchWeights::LoHa {
+                w1a: t(&[8, 2]),
+                w1b: t(&[2, 36]),
+                w2a: t(&[8, 2]),
+                w2b: t(&[2, 36]),
+                t: None,
+            },
+            Some(1.0),
+            None,
+        );
+        assert!(loha.check(&[8, 4, 3, 3], Some(8)).is_ok());
+        assert!(loha.check(&[8, 36], None).is_ok());
+        assert!(loha.check(&[4, 8, 3, 3], None).is_err());
+        // factors that do not chain
+        let bad = WeightPatch::new(
+            "x",
+            PatchWeights::Lora {
+                down: t(&[3, 6]),
+                up: t(&[4, 2]),
+                mid: None,
+            },
+            None,
+            None,
+        );
+        assert!(format!("{:#}", bad.check(&[4, 6], None).unwrap_err()).contains("chain"));
+        // diff_b for a layer without bias
+        let with_b = WeightPatch::new(
+            "x",
+            PatchWeights::Full {
+                diff: t(&[4, 6]),
+                diff_b: Some(t(&[4])),
+            },
+            None,
+            None,
+        );
+        assert!(with_b.check(&[4, 6], None).is_err());
+        assert!(with_b.check(&[4, 6], Some(4)).is_ok());
+    }
+
+    #[test]
+    fn dora_strength_blends_linearly_and_zero_is_the_base() {
+        let w = t(&[4, 6]);
+        let mut p = WeightPatch::new(
+            "x",
+            PatchWeights::Lora {
+                down: t(&[2, 6]),
+                up: t(&[4, 2]),
+                mid: None,
+            },
+            Some(2.0),
+            Some((t(&[4, 1]).abs().unwrap() + 1.0).unwrap()),
+        );
+        let (full, _) = p.apply(&w, None).unwrap();
+        p.scale = 0.0;
+        let (zero, _) = p.apply(&w, None).unwrap();
+        p.scale = 0.5;
+        let (half, _) = p.apply(&w, None).unwrap();
+        let max = |x: Tensor| {
+            x.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert_eq!(max((zero - &w).unwrap()), 0.0);
+        let mid = ((&w + &full).unwrap() * 0.5).unwrap();
+        assert!(max((half - mid).unwrap()) < 1e-6);
+        // the output axis: each row of W' has the norm m
+        let norms = full.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap();
+        let m = (t(&[4, 1]).abs().unwrap() + 1.0).unwrap();
+        assert!(max((norms - m).unwrap()) < 1e-5);
+    }
 }

@@ -52,6 +52,9 @@ impl StableDiffusion {
 
     /// Strength of every LoRA adapter in the UNet and the text encoder.
     pub fn set_lora_scale(&mut self, scale: f64) -> Result<()> {
+        self.unet.ensure_unmerged("changing the LoRA scale")?;
+        self.text_encoder
+            .ensure_unmerged("changing the LoRA scale")?;
         self.unet.set_lora_scale(scale)?;
         self.text_encoder.set_lora_scale(scale)
     }
@@ -66,6 +69,9 @@ impl StableDiffusion {
             // the UNet's error lists the adapters there are
             return self.unet.set_adapter_scale(name, scale);
         }
+        self.unet.ensure_unmerged("changing the LoRA scale")?;
+        self.text_encoder
+            .ensure_unmerged("changing the LoRA scale")?;
         if u {
             self.unet.set_adapter_scale(name, scale)?;
         }
