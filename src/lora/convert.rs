@@ -20,7 +20,7 @@ use super::apply::{LoraPlan, ModuleIndex};
 use super::file::{LoraEntry, LoraFile};
 use super::io::LoraFormat;
 use super::keys::Component;
-use super::patch::{KronFactor, PatchWeights};
+use super::patch::PatchWeights;
 use crate::io::write_safetensors_atomic;
 
 /// Writes `file` (matched by `plan`, which must cover every entry) in `to` layout and `dtype`.
@@ -155,56 +155,12 @@ pub fn convert_file(
 
 /// The LyCORIS part names and tensors of an entry.
 fn kohya_parts(e: &LoraEntry) -> Vec<(&'static str, Tensor)> {
-    let mut v: Vec<(&'static str, Tensor)> = Vec::new();
-    match &e.weights {
-        PatchWeights::Lora { down, up, mid } => {
-            v.push(("lora_down.weight", down.clone()));
-            v.push(("lora_up.weight", up.clone()));
-            if let Some(m) = mid {
-                v.push(("lora_mid.weight", m.clone()));
-            }
-        }
-        PatchWeights::LoHa {
-            w1a,
-            w1b,
-            w2a,
-            w2b,
-            t,
-        } => {
-            v.extend([
-                ("hada_w1_a", w1a.clone()),
-                ("hada_w1_b", w1b.clone()),
-                ("hada_w2_a", w2a.clone()),
-                ("hada_w2_b", w2b.clone()),
-            ]);
-            if let Some((t1, t2)) = t {
-                v.extend([("hada_t1", t1.clone()), ("hada_t2", t2.clone())]);
-            }
-        }
-        PatchWeights::LoKr { w1, w2, t2 } => {
-            match w1 {
-                KronFactor::Full(t) => v.push(("lokr_w1", t.clone())),
-                KronFactor::LowRank(a, b) => {
-                    v.extend([("lokr_w1_a", a.clone()), ("lokr_w1_b", b.clone())])
-                }
-            }
-            match w2 {
-                KronFactor::Full(t) => v.push(("lokr_w2", t.clone())),
-                KronFactor::LowRank(a, b) => {
-                    v.extend([("lokr_w2_a", a.clone()), ("lokr_w2_b", b.clone())])
-                }
-            }
-            if let Some(t) = t2 {
-                v.push(("lokr_t2", t.clone()));
-            }
-        }
-        PatchWeights::Full { diff, diff_b } => {
-            v.push(("diff", diff.clone()));
-            if let Some(b) = diff_b {
-                v.push(("diff_b", b.clone()));
-            }
-        }
-    }
+    let mut v: Vec<(&'static str, Tensor)> = e
+        .weights
+        .named_parts()
+        .into_iter()
+        .map(|(n, t)| (n, t.clone()))
+        .collect();
     if let Some(d) = &e.dora_scale {
         // kohya/LyCORIS keep the magnitude with the weight's rank: [out, 1, ..] or [1, in, ..]
         let rank = match &e.weights {

@@ -330,65 +330,13 @@ fn build_entry(
     }))
 }
 
-/// Factors must be at least 2-D and ranks at least 1 (alpha / 0 would be infinite).
+/// Every part but `diff_b` must be at least 2-D with a first dimension of 1 or more (a rank
+/// of 0 would divide alpha by 0).
 fn check_ranks(w: &PatchWeights) -> Result<()> {
-    let two_d = |t: &Tensor, n: &str| -> Result<()> {
-        match t.dims() {
-            [r, _, ..] if *r > 0 => Ok(()),
-            d => {
-                bail!("`{n}` has shape {d:?}: needs at least 2 dimensions and a rank of 1 or more")
-            }
-        }
-    };
-    match w {
-        PatchWeights::Lora { down, up, mid } => {
-            two_d(down, "lora_down")?;
-            two_d(up, "lora_up")?;
-            if let Some(m) = mid {
-                two_d(m, "lora_mid")?;
-            }
-        }
-        PatchWeights::LoHa {
-            w1a,
-            w1b,
-            w2a,
-            w2b,
-            t,
-        } => {
-            for (t, n) in [
-                (w1a, "hada_w1_a"),
-                (w1b, "hada_w1_b"),
-                (w2a, "hada_w2_a"),
-                (w2b, "hada_w2_b"),
-            ] {
-                two_d(t, n)?;
-            }
-            if let Some((a, b)) = t {
-                two_d(a, "hada_t1")?;
-                two_d(b, "hada_t2")?;
-            }
-        }
-        PatchWeights::LoKr { w1, w2, t2 } => {
-            for (f, n) in [(w1, "lokr_w1"), (w2, "lokr_w2")] {
-                match f {
-                    KronFactor::Full(t) => two_d(t, n)?,
-                    KronFactor::LowRank(a, b) => {
-                        two_d(a, n)?;
-                        two_d(b, n)?;
-                    }
-                }
-            }
-            if let Some(t) = t2 {
-                two_d(t, "lokr_t2")?;
-            }
-        }
-        PatchWeights::Full { diff, .. } => {
-            if diff.rank() < 2 {
-                bail!(
-                    "`diff` has shape {:?}: needs the layer's weight shape",
-                    diff.dims()
-                );
-            }
+    for (name, t) in w.named_parts() {
+        let d = t.dims();
+        if name != "diff_b" && (d.len() < 2 || d[0] == 0) {
+            bail!("`{name}` has shape {d:?}: needs at least 2 dimensions and a rank of 1 or more");
         }
     }
     Ok(())

@@ -119,23 +119,53 @@ impl PatchWeights {
 
     /// The number of stored values.
     pub fn num_params(&self) -> usize {
-        let n = |t: &Tensor| t.elem_count();
-        let f = |k: &KronFactor| match k {
-            KronFactor::Full(t) => n(t),
-            KronFactor::LowRank(a, b) => n(a) + n(b),
-        };
+        self.named_parts().iter().map(|(_, t)| t.elem_count()).sum()
+    }
+
+    /// The tensors under their LyCORIS/kohya part names (`lora_down.weight`, `hada_w1_a`,
+    /// `lokr_w2_b`, `diff_b`, ...), in that layout's order.
+    pub fn named_parts(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut v: Vec<(&'static str, &Tensor)> = Vec::new();
         match self {
-            PatchWeights::Lora { down, up, mid } => n(down) + n(up) + mid.as_ref().map_or(0, n),
+            PatchWeights::Lora { down, up, mid } => {
+                v.extend([("lora_down.weight", down), ("lora_up.weight", up)]);
+                v.extend(mid.iter().map(|m| ("lora_mid.weight", m)));
+            }
             PatchWeights::LoHa {
                 w1a,
                 w1b,
                 w2a,
                 w2b,
                 t,
-            } => n(w1a) + n(w1b) + n(w2a) + n(w2b) + t.as_ref().map_or(0, |(a, b)| n(a) + n(b)),
-            PatchWeights::LoKr { w1, w2, t2 } => f(w1) + f(w2) + t2.as_ref().map_or(0, n),
-            PatchWeights::Full { diff, diff_b } => n(diff) + diff_b.as_ref().map_or(0, n),
+            } => {
+                v.extend([
+                    ("hada_w1_a", w1a),
+                    ("hada_w1_b", w1b),
+                    ("hada_w2_a", w2a),
+                    ("hada_w2_b", w2b),
+                ]);
+                if let Some((t1, t2)) = t {
+                    v.extend([("hada_t1", t1), ("hada_t2", t2)]);
+                }
+            }
+            PatchWeights::LoKr { w1, w2, t2 } => {
+                for (f, [whole, a_name, b_name]) in [
+                    (w1, ["lokr_w1", "lokr_w1_a", "lokr_w1_b"]),
+                    (w2, ["lokr_w2", "lokr_w2_a", "lokr_w2_b"]),
+                ] {
+                    match f {
+                        KronFactor::Full(t) => v.push((whole, t)),
+                        KronFactor::LowRank(a, b) => v.extend([(a_name, a), (b_name, b)]),
+                    }
+                }
+                v.extend(t2.iter().map(|t| ("lokr_t2", t)));
+            }
+            PatchWeights::Full { diff, diff_b } => {
+                v.push(("diff", diff));
+                v.extend(diff_b.iter().map(|b| ("diff_b", b)));
+            }
         }
+        v
     }
 
     /// The shape [`Self::product`] will have, checking that the factors fit each other,
