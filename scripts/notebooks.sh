@@ -7,7 +7,11 @@
 # The kernel's build of the crate is kept in $SD_LORA_CACHE/evcxr (EVCXR_TMPDIR), so only the
 # first run compiles candle (~6 min). Executed copies go to $SD_LORA_CACHE/notebooks-out/.
 #
-#   ./scripts/notebooks.sh [NOTEBOOK.ipynb ...]
+#   ./scripts/notebooks.sh [--update] [NOTEBOOK.ipynb ...]
+#
+# --update writes each passing notebook back with its outputs (commit them: a code host then
+# shows every figure; tests/notebook_api.rs checks that no committed output is older than its
+# cell's source).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SD_LORA_CACHE="${SD_LORA_CACHE:-$HOME/.cache/sd-lora}"

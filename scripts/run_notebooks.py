@@ -1,6 +1,12 @@
 """Execute notebooks with nbclient and fail on any error output or stderr stream.
 
-Usage: run_notebooks.py --out DIR [NOTEBOOK ...]   (default: every notebooks/*.ipynb)
+Usage: run_notebooks.py --out DIR [--update] [NOTEBOOK ...]   (default: every notebooks/*.ipynb)
+
+Every code cell of the executed copy is stamped with the SHA-256 of its source
+(`metadata.sd_lora.source_sha256`). With --update, a notebook that passed is written back over
+its source with its outputs (execution timestamps dropped), so that the committed notebooks show
+their figures on a code host; `tests/notebook_api.rs` fails when a committed cell's source no
+longer matches its stamp (outputs older than the code).
 
 A notebook fails when a cell raises, prints to stderr, or produces an `error` output, or when
 the kernel dies (evcxr.toml turns panics into kernel deaths). Each notebook must also show at
@@ -8,8 +14,10 @@ least one inline SVG and one inline PNG figure. Prints per-cell times of the slo
 ends with "N passed, N failed"; exit status 1 if any failed.
 """
 import argparse
+import copy
 import datetime
 import glob
+import hashlib
 import os
 import sys
 import time
@@ -26,6 +34,22 @@ def seconds(cell):
         return 0.0
     f = lambda s: datetime.datetime.fromisoformat(s.replace("Z", "+00:00"))
     return (f(b) - f(a)).total_seconds()
+
+
+def stamp(nb):
+    """Marks each code cell with the hash of the source its outputs came from."""
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            digest = hashlib.sha256(cell.source.encode("utf-8")).hexdigest()
+            cell.metadata["sd_lora"] = {"source_sha256": digest}
+
+
+def for_commit(nb):
+    """The executed notebook without per-run noise (timestamps, kernel session details)."""
+    nb = copy.deepcopy(nb)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+    return nb
 
 
 def problems(nb):
@@ -51,6 +75,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    ap.add_argument("--update", action="store_true",
+                    help="write each passing notebook back over its source, with outputs")
     ap.add_argument("notebooks", nargs="*")
     args = ap.parse_args()
     paths = args.notebooks or sorted(glob.glob("notebooks/*.ipynb"))
@@ -76,8 +102,11 @@ def main():
             fatal = f"{type(e).__name__}: {str(e).strip()[:2000]}"
         wall = time.time() - t0
         found = problems(nb) + ([fatal] if fatal else [])
+        stamp(nb)
         target = os.path.join(args.out, os.path.basename(path))
         nbformat.write(nb, target)
+        if args.update and not found:
+            nbformat.write(for_commit(nb), path)
         times = sorted(
             ((seconds(c), i) for i, c in enumerate(nb.cells) if c.cell_type == "code"),
             reverse=True,

@@ -162,3 +162,55 @@ fn cpu_thread_count_is_pinned_to_candles_count() {
         .expect("a number");
     assert_eq!(candle_core::utils::get_num_threads(), env);
 }
+
+/// The committed notebooks carry the outputs of their current code (so a code host shows every
+/// figure): each code cell's `metadata.sd_lora.source_sha256` is the SHA-256 of its source, as
+/// stamped by `scripts/notebooks.sh --update`, and each notebook shows an SVG and a PNG figure.
+#[test]
+fn committed_notebook_outputs_are_current() {
+    use sha2::{Digest, Sha256};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("notebooks");
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "ipynb"))
+        .collect();
+    paths.sort();
+    assert!(paths.len() >= 3, "notebooks: {paths:?}");
+    let mut stale = Vec::new();
+    for p in &paths {
+        let nb: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        let mut mimes = std::collections::BTreeSet::new();
+        for (i, cell) in nb["cells"].as_array().unwrap().iter().enumerate() {
+            if cell["cell_type"] != "code" {
+                continue;
+            }
+            let source = match &cell["source"] {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_str()).collect(),
+                _ => String::new(),
+            };
+            let want = format!("{:x}", Sha256::digest(source.as_bytes()));
+            if cell["metadata"]["sd_lora"]["source_sha256"].as_str() != Some(want.as_str()) {
+                stale.push(format!("{name} cell {i}"));
+            }
+            for o in cell["outputs"].as_array().into_iter().flatten() {
+                if let Some(d) = o["data"].as_object() {
+                    mimes.extend(d.keys().cloned());
+                }
+            }
+        }
+        for m in ["image/svg+xml", "image/png"] {
+            if !mimes.contains(m) {
+                stale.push(format!("{name}: no {m} figure in its committed outputs"));
+            }
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "committed notebook outputs are older than their code (run ./scripts/notebooks.sh --update and commit the notebooks): {}",
+        stale.join(", ")
+    );
+}
