@@ -437,3 +437,145 @@ fn diffusers_reproduces_our_unet_output_from_our_files() {
         assert!(e < 1e-4, "{fmt}: {e}");
     }
 }
+
+/// `sum(y ⊙ r)` of a DoRA layer for fixed random `x`, `r`.
+fn dora_loss(l: &LoraLinear, x: &Tensor, r: &Tensor) -> Tensor {
+    (l.forward(x).unwrap() * r).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn dora_gradients_match_finite_differences() {
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 0.5, (5, 4), &dev).unwrap();
+    let b = Tensor::randn(0f32, 0.1, 5, &dev).unwrap();
+    let mut l = LoraLinear::new("l", w, Some(b)).unwrap();
+    l.set_adapter(
+        Tensor::randn(0f32, 0.5, (2, 4), &dev).unwrap(),
+        Tensor::randn(0f32, 0.5, (5, 2), &dev).unwrap(),
+        3.0,
+    )
+    .unwrap();
+    l.set_magnitude("default", None).unwrap();
+    let ad = l.adapter().unwrap().clone();
+    let m = ad.magnitude.clone().unwrap();
+    m.set(&(m.as_tensor() * 1.3).unwrap()).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (3, 4), &dev).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap();
+    let grads = dora_loss(&l, &x, &r).backward().unwrap();
+    let eps = 1e-2f32;
+    for (name, v) in [("A", &ad.a), ("B", &ad.b), ("m", &m)] {
+        let g = grads.get(v.as_tensor()).unwrap();
+        let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+        let p0: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for i in 0..p0.len() {
+            let at = |d: f32| {
+                let mut p = p0.clone();
+                p[i] += d;
+                v.set(&Tensor::from_vec(p, v.shape(), &dev).unwrap())
+                    .unwrap();
+                let y = dora_loss(&l, &x, &r).to_scalar::<f32>().unwrap();
+                v.set(&Tensor::from_vec(p0.clone(), v.shape(), &dev).unwrap())
+                    .unwrap();
+                y
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+            assert!(
+                (fd - g[i]).abs() <= 2e-2 * (1.0 + fd.abs()),
+                "d/d{name}[{i}]: backward {} vs central difference {fd}",
+                g[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn dora_injection_starts_at_the_base_model_trains_and_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let load_a =
+        || UNet2DConditionModel::load(golden("unet_a"), None, DType::F32, &Device::Cpu).unwrap();
+    let t = load("unet_a/inputs_square_b2.safetensors");
+    let run = |u: &UNet2DConditionModel| {
+        u.forward(&t["sample"], &t["timestep"], &t["encoder_hidden_states"])
+            .unwrap()
+    };
+    let mut u = load_a();
+    let base = run(&u);
+    let vm = VarMap::new();
+    let s = u
+        .inject_lora(
+            &LoraConfig::new(4, 8.0)
+                .with_targets(&["to_q", "to_v", "proj_in", "ff.net.2"])
+                .with_dora(true),
+            &vm,
+        )
+        .unwrap();
+    assert!(
+        rel_err(&run(&u), &base) < 1e-6,
+        "B = 0 and m = ‖W‖: the base model"
+    );
+    let vars = u.lora_vars().unwrap();
+    assert_eq!(
+        vars.len(),
+        3 * s.lora_layers,
+        "A, B and the magnitude per layer"
+    );
+    assert_eq!(vm.all_vars().len(), vars.len());
+    for (name, v) in &vars {
+        if !name.ends_with("lora_A.weight") {
+            v.set(
+                &(v.as_tensor() + Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
+        }
+    }
+    let y = run(&u);
+    let grads = (&y * 1.0)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (name, v) in &vars {
+        let g: Vec<f32> = grads
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(
+            g.iter().all(|x| x.is_finite()) && g.iter().any(|x| *x != 0.0),
+            "{name}"
+        );
+    }
+    // strength 0 is the base, merge keeps the output
+    u.set_lora_scale(0.0).unwrap();
+    assert!(rel_err(&run(&u), &base) < 1e-6);
+    u.set_lora_scale(1.0).unwrap();
+    u.merge_lora().unwrap();
+    assert!(rel_err(&run(&u), &y) < 1e-5, "merged");
+    u.unmerge_lora().unwrap();
+    // both layouts reload as DoRA adapters with the same output
+    for (fmt, name, key) in [
+        (LoraFormat::Kohya, "k.safetensors", ".dora_scale"),
+        (LoraFormat::Peft, "p.safetensors", ".lora_magnitude_vector"),
+    ] {
+        let path = dir.path().join(name);
+        save_lora(&u.linears().unwrap(), fmt, &path).unwrap();
+        let file = LoraFile::open(&path).unwrap();
+        assert!(file.entries.iter().all(|e| e.dora_scale.is_some()));
+        assert!(file.entries[0].keys.iter().any(|k| k.ends_with(key)));
+        let mut v = load_a();
+        v.apply_lora_file(&file, &VarMap::new()).unwrap();
+        assert_eq!(
+            v.lora_vars().unwrap().len(),
+            vars.len(),
+            "{fmt:?}: trainable again"
+        );
+        let e = rel_err(&run(&v), &y);
+        assert!(e < 1e-5, "{fmt:?}: {e}");
+    }
+}

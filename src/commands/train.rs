@@ -16,6 +16,15 @@ use crate::pipeline::{GenerateConfig, LoadOptions, StableDiffusion};
 use crate::train::{checkpoint, Checkpoints, LatentCache, LrSchedulerKind, MetricsCsv};
 use crate::train::{Progress, StepHook, StepRecord, TrainConfig, Trainer};
 
+/// `--network`: the kind of adapter trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Network {
+    /// Plain LoRA.
+    Lora,
+    /// Weight-decomposed LoRA.
+    Dora,
+}
+
 /// `sd-lora train`. Every default is the library's ([`TrainConfig`], [`LoraConfig`],
 /// [`DataConfig`]), so `--help` shows what a notebook gets too.
 #[derive(Debug, Clone, clap::Args)]
@@ -37,6 +46,10 @@ pub struct TrainArgs {
     /// Comma-separated module targets (`to_q,to_k,to_v`; shorthands attn, ff, all).
     #[arg(long, default_value = "to_q,to_k,to_v")]
     pub targets: String,
+    /// The adapter: `lora` (B·A) or `dora` (B·A plus a learned magnitude per output row;
+    /// LyCORIS `dora_wd`, PEFT `use_dora`).
+    #[arg(long, value_enum, default_value_t = Network::Lora)]
+    pub network: Network,
     /// Passes over the data set.
     #[arg(long, default_value_t = TrainConfig::default().epochs, value_parser = count)]
     pub epochs: usize,
@@ -166,7 +179,8 @@ impl TrainArgs {
             out: self.out.clone(),
             lora: LoraConfig::new(self.rank, alpha)
                 .with_targets(&LoraConfig::parse_targets(&self.targets))
-                .with_seed(self.seed),
+                .with_seed(self.seed)
+                .with_dora(self.network == Network::Dora),
             data_config: DataConfig {
                 width: self.resolution.width,
                 height: self.resolution.height,

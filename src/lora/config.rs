@@ -47,6 +47,10 @@ pub struct LoraConfig {
     pub init: LoraInit,
     /// Seed of the initialisation. Default 202509 (the tutorial's seed).
     pub seed: u64,
+    /// DoRA: each adapted layer also learns a magnitude per output row (see
+    /// [`crate::lora::LoraAdapter::magnitude`]). Default false (plain LoRA).
+    #[serde(default)]
+    pub dora: bool,
 }
 
 impl Default for LoraConfig {
@@ -57,6 +61,7 @@ impl Default for LoraConfig {
             targets: vec!["to_q".into(), "to_k".into(), "to_v".into()],
             init: LoraInit::default(),
             seed: 202509,
+            dora: false,
         }
     }
 }
@@ -99,6 +104,12 @@ impl LoraConfig {
 
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.seed = seed;
+        self
+    }
+
+    /// DoRA instead of plain LoRA (see [`LoraConfig::dora`]).
+    pub fn with_dora(mut self, dora: bool) -> Self {
+        self.dora = dora;
         self
     }
 

@@ -32,12 +32,22 @@ impl LoraEntry {
     pub fn kind(&self) -> AdapterKind {
         self.weights.kind()
     }
-    /// A plain `B·A` on a linear layer (or 1x1 convolution): loaded as a trainable adapter.
+    /// A `B·A` on a linear layer (or 1x1 convolution), with no DoRA magnitude or one per
+    /// output row: loaded on linear layers as a trainable adapter (DoRA: with a trainable
+    /// magnitude).
     pub fn is_plain_lora(&self) -> bool {
         match &self.weights {
-            PatchWeights::Lora { down, mid, .. } => {
+            PatchWeights::Lora { down, up, mid } => {
+                let out = up.dims().first().copied();
+                let dora_ok = match &self.dora_scale {
+                    None => true,
+                    Some(d) => {
+                        Some(d.elem_count()) == out
+                            && (d.rank() == 1 || d.dims().first() == out.as_ref())
+                    }
+                };
                 mid.is_none()
-                    && self.dora_scale.is_none()
+                    && dora_ok
                     && down.rank() >= 2
                     && down.dims()[2..].iter().all(|&d| d == 1)
             }

@@ -67,6 +67,7 @@ pub fn save_lora_as(
     let mut tensors = BTreeMap::new();
     let mut ranks: BTreeMap<usize, usize> = BTreeMap::new();
     let mut alphas: Vec<(String, usize, f64)> = Vec::new();
+    let mut dora: Vec<bool> = Vec::new();
     for l in layers {
         let Some(ad) = l.adapter() else { continue };
         let (mut a, mut b) = (
@@ -79,13 +80,36 @@ pub fn save_lora_as(
         }
         *ranks.entry(ad.rank()).or_default() += 1;
         alphas.push((l.name().to_string(), ad.rank(), ad.alpha));
+        let magnitude = match &ad.magnitude {
+            Some(m) => Some(m.as_tensor().to_device(&Device::Cpu)?.to_dtype(dtype)?),
+            None => None,
+        };
+        dora.push(magnitude.is_some());
         match format {
             LoraFormat::Peft => {
                 tensors.insert(format!("unet.{}.lora_A.weight", l.name()), a);
                 tensors.insert(format!("unet.{}.lora_B.weight", l.name()), b);
+                if let Some(m) = magnitude {
+                    // PEFT's shapes: [out] for linear layers, [1, out, 1, 1] for 1x1 convs
+                    let m = if l.is_conv1x1() {
+                        m.reshape((1, l.out_dim(), 1, 1))?
+                    } else {
+                        m
+                    };
+                    tensors.insert(format!("unet.{}.lora_magnitude_vector", l.name()), m);
+                }
             }
             LoraFormat::Kohya => {
                 let k = format!("lora_unet_{}", l.name().replace('.', "_"));
+                if let Some(m) = magnitude {
+                    // LyCORIS' output-axis layout: [out, 1] (linear) or [out, 1, 1, 1]
+                    let m = if l.is_conv1x1() {
+                        m.reshape((l.out_dim(), 1, 1, 1))?
+                    } else {
+                        m.reshape((l.out_dim(), 1))?
+                    };
+                    tensors.insert(format!("{k}.dora_scale"), m);
+                }
                 tensors.insert(
                     format!("{k}.alpha"),
                     Tensor::new(ad.alpha as f32, &Device::Cpu)?.to_dtype(dtype)?,
@@ -100,6 +124,10 @@ pub fn save_lora_as(
     }
     if alphas.is_empty() {
         bail!("no LoRA adapters to save (inject or load LoRA first)");
+    }
+    let use_dora = dora.iter().any(|d| *d);
+    if use_dora && format == LoraFormat::Peft && !dora.iter().all(|d| *d) {
+        bail!("PEFT cannot hold DoRA and plain LoRA layers in one adapter; save as kohya");
     }
     let r = ranks
         .iter()
@@ -136,7 +164,7 @@ pub fn save_lora_as(
                 "unet.lora_dropout": 0.0,
                 "unet.bias": "none",
                 "unet.use_rslora": false,
-                "unet.use_dora": false,
+                "unet.use_dora": use_dora,
                 "unet.init_lora_weights": true,
                 "unet.peft_type": "LORA",
             });
@@ -146,7 +174,16 @@ pub fn save_lora_as(
             );
         }
         _ => {
-            meta.insert("ss_network_module".into(), "networks.lora".into());
+            if use_dora {
+                // kohya's own networks.lora has no DoRA; LyCORIS' kohya module reads it
+                meta.insert("ss_network_module".into(), "lycoris.kohya".into());
+                meta.insert(
+                    "ss_network_args".into(),
+                    r#"{"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}"#.into(),
+                );
+            } else {
+                meta.insert("ss_network_module".into(), "networks.lora".into());
+            }
             meta.insert("ss_network_dim".into(), r.to_string());
             meta.insert("ss_network_alpha".into(), alpha.to_string());
             meta.insert("ss_base_model_version".into(), "sd_v1".into());

@@ -26,6 +26,11 @@ pub struct LoraAdapter {
     pub scale: f64,
     /// When false the layer computes the base model only.
     pub enabled: bool,
+    /// DoRA: a trainable magnitude per output row, `[out]` f32. The layer then computes
+    /// `W' = m · V / ‖V‖` with `V = W + (alpha/rank)·B·A` and the norm per output row
+    /// (LyCORIS `dora_wd`, PEFT `use_dora`; gradients flow through the norm as in LyCORIS,
+    /// PEFT detaches it), blended as `W + scale·(W' − W)`.
+    pub magnitude: Option<Var>,
 }
 
 impl LoraAdapter {
@@ -45,7 +50,17 @@ impl LoraAdapter {
     }
 
     pub fn num_params(&self) -> usize {
-        self.a.elem_count() + self.b.elem_count()
+        self.a.elem_count()
+            + self.b.elem_count()
+            + self.magnitude.as_ref().map_or(0, |m| m.elem_count())
+    }
+
+    /// `m / ‖W + (alpha/rank)·B·A‖` per output row, `[out]` (DoRA adapters only).
+    fn dora_gain(&self, w: &Tensor, m: &Var) -> Result<Tensor> {
+        let c = self.alpha / self.rank() as f64;
+        let v = (w.to_dtype(DType::F32)? + (self.b.as_tensor().matmul(self.a.as_tensor())? * c)?)?;
+        let norm = (v.sqr()?.sum(1)?.sqrt()? + f32::EPSILON as f64)?;
+        Ok(m.as_tensor().div(&norm)?)
     }
 }
 
@@ -255,8 +270,35 @@ impl LoraLinear {
             alpha,
             scale: 1.0,
             enabled: true,
+            magnitude: None,
         });
         Ok(self.adapters.last().expect("adapter just added"))
+    }
+
+    /// Makes adapter `name` a DoRA adapter with magnitude `m` (`[out]` or any shape of `out`
+    /// values, as files store it); `None` starts from the base weight's row norms, so a fresh
+    /// DoRA adapter with `B = 0` computes the base model.
+    pub fn set_magnitude(&mut self, name: &str, m: Option<Tensor>) -> Result<&LoraAdapter> {
+        let out = self.out_dim();
+        let dev = self.weight.device().clone();
+        let m = match m {
+            Some(m) if m.elem_count() == out => m.reshape(out)?,
+            Some(m) => bail!(
+                "{}: a DoRA magnitude of shape {:?} for {out} outputs",
+                self.name,
+                m.dims()
+            ),
+            None => self.weight.to_dtype(DType::F32)?.sqr()?.sum(1)?.sqrt()?,
+        };
+        let m = Var::from_tensor(&m.to_dtype(DType::F32)?.to_device(&dev)?)?;
+        let layer = self.name.clone();
+        let ad = self
+            .adapters
+            .iter_mut()
+            .find(|a| a.name == name)
+            .with_context(|| format!("{layer}: no adapter named `{name}`"))?;
+        ad.magnitude = Some(m);
+        Ok(ad)
     }
 
     /// Removes every adapter (unmerging first if needed).
@@ -288,9 +330,19 @@ impl LoraLinear {
                 self.name
             );
         }
-        let mut merged = self.weight.to_dtype(DType::F32)?;
+        let base = self.weight.to_dtype(DType::F32)?;
+        let mut merged = base.clone();
         for ad in active {
-            merged = (merged + (ad.delta_weight()? * ad.scale)?)?;
+            let d = match &ad.magnitude {
+                // W + s·(g·(W + cBA) − W)
+                Some(m) => {
+                    let g = ad.dora_gain(&base, m)?.unsqueeze(1)?;
+                    let v = (&base + ad.delta_weight()?)?;
+                    (v.broadcast_mul(&g)? - &base)?
+                }
+                None => ad.delta_weight()?,
+            };
+            merged = (merged + (d * ad.scale)?)?;
         }
         let merged = merged.to_dtype(self.weight.dtype())?;
         self.unmerged = Some(std::mem::replace(&mut self.weight, merged));
@@ -321,6 +373,22 @@ impl LoraLinear {
                 Some(t) => t.clone(),
                 None => xf.insert(x.to_dtype(DType::F32)?).clone(),
             };
+            if let Some(m) = &ad.magnitude {
+                // y += s·((g − 1)·xWᵀ + g·c·BAx), g = m/‖W + cBA‖ per output
+                let w = self.patches.effective().map_or(&self.weight, |(w, _)| w);
+                let g = ad.dora_gain(w, m)?;
+                let c = ad.alpha / ad.rank() as f64;
+                let xw = linear(&xf, &w.to_dtype(DType::F32)?, None)?;
+                let bax = linear(
+                    &(linear(&xf, ad.a.as_tensor(), None)? * c)?,
+                    ad.b.as_tensor(),
+                    None,
+                )?;
+                let term =
+                    ((xw.broadcast_mul(&(&g - 1.0)?)? + bax.broadcast_mul(&g)?)? * ad.scale)?;
+                y = (y + term.to_dtype(x.dtype())?)?;
+                continue;
+            }
             // the scale goes on the rank-r intermediate, a pass over N·r values instead of
             // N·out (forward and backward)
             let down = (linear(&xf, ad.a.as_tensor(), None)? * ad.factor())?;

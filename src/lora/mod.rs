@@ -10,7 +10,7 @@ pub mod keys;
 pub mod linear;
 pub mod patch;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Var};
 use candle_nn::VarMap;
 use serde::Serialize;
@@ -127,9 +127,14 @@ pub trait LoraModel: Clone {
             index += 1;
             let seed = cfg.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
             let name = l.name().to_string();
-            let ad = l.init_adapter(cfg.rank, cfg.alpha, cfg.init, seed, &device)?;
-            new_vars.push((format!("{name}.lora_A.weight"), ad.a.clone()));
-            new_vars.push((format!("{name}.lora_B.weight"), ad.b.clone()));
+            l.init_adapter(cfg.rank, cfg.alpha, cfg.init, seed, &device)?;
+            if cfg.dora {
+                l.set_magnitude(DEFAULT_ADAPTER, None)?;
+            }
+            let ad = l
+                .adapter_named(DEFAULT_ADAPTER)
+                .context("adapter just added")?;
+            new_vars.extend(adapter_vars(&name, ad));
             Ok(())
         })?;
         register(varmap, new_vars)?;
@@ -225,11 +230,14 @@ pub trait LoraModel: Clone {
             };
             let alpha = e.effective_alpha().unwrap_or(1.0);
             let name = l.name().to_string();
-            let ad = l
-                .add_adapter(adapter, down.clone(), up.clone(), alpha)
-                .map_err(|err| anyhow::anyhow!("{show}: `{}`: {err}", e.keys[0]))?;
-            new_vars.push((var_name(&name, adapter, "A"), ad.a.clone()));
-            new_vars.push((var_name(&name, adapter, "B"), ad.b.clone()));
+            let err = |err: anyhow::Error| anyhow::anyhow!("{show}: `{}`: {err}", e.keys[0]);
+            l.add_adapter(adapter, down.clone(), up.clone(), alpha)
+                .map_err(err)?;
+            if let Some(m) = &e.dora_scale {
+                l.set_magnitude(adapter, Some(m.clone())).map_err(err)?;
+            }
+            let ad = l.adapter_named(adapter).context("adapter just added")?;
+            new_vars.extend(adapter_vars(&name, ad));
             for ad in l.adapters_mut().iter_mut().filter(|a| a.name == adapter) {
                 ad.scale = opts.strength;
             }
@@ -307,8 +315,7 @@ pub trait LoraModel: Clone {
         let mut out = Vec::new();
         self.visit_linears(&mut |l| {
             for ad in l.adapters() {
-                out.push((var_name(l.name(), &ad.name, "A"), ad.a.clone()));
-                out.push((var_name(l.name(), &ad.name, "B"), ad.b.clone()));
+                out.extend(adapter_vars(l.name(), ad));
             }
             Ok(())
         })?;
@@ -421,6 +428,24 @@ pub trait LoraModel: Clone {
             Ok(())
         })
     }
+}
+
+/// The trainable tensors of one adapter under PEFT's names: `lora_A`, `lora_B` and, for DoRA,
+/// `lora_magnitude_vector`.
+fn adapter_vars(module: &str, ad: &LoraAdapter) -> Vec<(String, Var)> {
+    let mut v = vec![
+        (var_name(module, &ad.name, "A"), ad.a.clone()),
+        (var_name(module, &ad.name, "B"), ad.b.clone()),
+    ];
+    if let Some(m) = &ad.magnitude {
+        let n = if ad.name == DEFAULT_ADAPTER {
+            format!("{module}.lora_magnitude_vector")
+        } else {
+            format!("{module}.lora_magnitude_vector.{}", ad.name)
+        };
+        v.push((n, m.clone()));
+    }
+    v
 }
 
 /// `<module>.lora_A.weight` for the default adapter, `<module>.lora_A.<adapter>.weight` else.
