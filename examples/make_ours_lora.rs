@@ -1,5 +1,6 @@
-//! Writes LoRA files made by sd-lora (both formats) for tests/golden/make_golden_ours.py, which
-//! checks that diffusers loads them with no missing or unexpected keys and records its output.
+//! Writes LoRA files made by sd-lora (both formats; plain LoRA and DoRA) for
+//! tests/golden/make_golden_ours.py, which checks that diffusers (and LyCORIS, for the kohya
+//! DoRA file) load them with no missing or unexpected keys and records their outputs.
 //!
 //!     cargo run --release --example make_ours_lora
 
@@ -41,6 +42,33 @@ fn main() -> anyhow::Result<()> {
         LoraFormat::Peft,
         out.join("lora_peft.safetensors"),
     )?;
+    // DoRA: random B, magnitudes moved off their initial row norms
+    let mut u = UNet2DConditionModel::load(root.join("unet_a"), None, DType::F32, &Device::Cpu)?;
+    u.inject_lora(
+        &LoraConfig::new(4, 6.0)
+            .with_targets(&["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"])
+            .with_init(LoraInit::KaimingUniform)
+            .with_seed(8)
+            .with_dora(true),
+        &VarMap::new(),
+    )?;
+    for (name, v) in u.lora_vars()? {
+        let noise: Vec<f32> = (0..v.elem_count())
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
+        let noise = Tensor::from_vec(noise, v.shape(), &Device::Cpu)?;
+        if name.ends_with("lora_B.weight") {
+            v.set(&(noise * 0.2)?)?;
+        } else if name.ends_with("lora_magnitude_vector") {
+            v.set(&(v.as_tensor() * ((noise * 0.1)? + 1.0)?)?)?;
+        }
+    }
+    for (fmt, f) in [
+        (LoraFormat::Kohya, "dora_kohya.safetensors"),
+        (LoraFormat::Peft, "dora_peft.safetensors"),
+    ] {
+        save_lora(&u.linears()?, fmt, out.join(f))?;
+    }
     println!("wrote {}", out.display());
     Ok(())
 }

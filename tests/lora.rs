@@ -438,6 +438,32 @@ fn diffusers_reproduces_our_unet_output_from_our_files() {
     }
 }
 
+#[test]
+fn lycoris_and_diffusers_reproduce_our_dora_files() {
+    // tests/golden/make_golden_ours.py: LyCORIS' loader read our kohya DoRA file and diffusers
+    // our PEFT one (examples/make_ours_lora.rs), every magnitude accounted for
+    let t = load("unet_a/inputs_square_b2.safetensors");
+    let want = load("ours/dora_output.safetensors");
+    for (fmt, reference) in [("kohya", "lycoris"), ("peft", "diffusers")] {
+        let mut u =
+            UNet2DConditionModel::load(golden("unet_a"), None, DType::F32, &Device::Cpu).unwrap();
+        let lf = LoraFile::open(golden(&format!("ours/dora_{fmt}.safetensors"))).unwrap();
+        let s = u.apply_lora_file(&lf, &VarMap::new()).unwrap();
+        assert_eq!(
+            s.lora_layers,
+            7 * 9,
+            "{fmt}: q,k,v,out of 2 attentions + ff.net.2"
+        );
+        assert!(s.layers.iter().all(|l| l.params > 0));
+        let y = u
+            .forward(&t["sample"], &t["timestep"], &t["encoder_hidden_states"])
+            .unwrap();
+        let e = rel_err(&y, &want[reference]);
+        println!("our DoRA {fmt} file: {reference} rel err {e:.2e}");
+        assert!(e < 1e-4, "{fmt} vs {reference}: {e}");
+    }
+}
+
 /// `sum(y ⊙ r)` of a DoRA layer for fixed random `x`, `r`.
 fn dora_loss(l: &LoraLinear, x: &Tensor, r: &Tensor) -> Tensor {
     (l.forward(x).unwrap() * r).unwrap().sum_all().unwrap()

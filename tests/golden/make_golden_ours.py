@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """diffusers loads sd-lora's own LoRA files (kohya and PEFT formats, written by
 `cargo run --release --example make_ours_lora`) with no missing or unexpected keys; its UNet
-output with them is recorded for tests/lora.rs to compare against.
+output with them is recorded for tests/lora.rs to compare against. Our DoRA files: the kohya one
+through LyCORIS' own loader (`lycoris.kohya.create_network_from_weights`), the PEFT one through
+diffusers (`use_dora`), both outputs recorded.
 
     ~/.cache/sd-lora/golden-venv/bin/python tests/golden/make_golden_ours.py
 """
@@ -38,3 +40,38 @@ err = (out["kohya"] - out["peft"]).abs().max().item()
 assert err < 1e-5, f"the two formats disagree in diffusers: {err}"
 save_file(out, os.path.join(DATA, "ours", "diffusers_output.safetensors"))
 print("diffusers loaded both files; formats agree to", err)
+
+# DoRA, kohya layout -> LyCORIS
+from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights  # noqa: E402
+from lycoris.utils.preset import read_preset  # noqa: E402
+
+# LyCORIS' `full` preset names time_embedding twice on diffusers' UNet; ours lists SD's modules
+LycorisNetworkKohya.apply_preset(read_preset(os.path.join(DATA, "lycoris", "preset.toml")))
+
+dora = {}
+unet = UNet2DConditionModel.from_pretrained(os.path.join(DATA, "unet_a", "unet")).eval()
+path = os.path.join(DATA, "ours", "dora_kohya.safetensors")
+net, weights = create_network_from_weights(1.0, path, None, None, unet, for_inference=True)
+net.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
+missing, unexpected = net.load_state_dict(weights, strict=False)
+assert not unexpected, f"LyCORIS: unexpected keys {unexpected[:5]}"
+assert not [k for k in missing if "scalar" not in k], f"LyCORIS: missing keys {missing[:5]}"
+n_file = len([k for k in weights if k.endswith("dora_scale")])
+n_loaded = len([m for m in net.unet_loras if getattr(m, "wd", False)])
+assert n_loaded == n_file, f"LyCORIS: {n_loaded} DoRA modules, {n_file} in the file"
+with torch.no_grad():
+    dora["lycoris"] = unet(inp["sample"], inp["timestep"], inp["encoder_hidden_states"]).sample.contiguous()
+
+# DoRA, PEFT layout -> diffusers
+unet = UNet2DConditionModel.from_pretrained(os.path.join(DATA, "unet_a", "unet")).eval()
+path = os.path.join(DATA, "ours", "dora_peft.safetensors")
+res = StableDiffusionLoraLoaderMixin.lora_state_dict(path, return_lora_metadata=True)
+unet.load_lora_adapter(res[0], prefix="unet", metadata=res[-1])
+n_mag = len([n for n, _ in unet.named_parameters() if "lora_magnitude_vector" in n])
+n_file = len([k for k in load_file(path) if k.endswith("lora_magnitude_vector")])
+assert n_mag == n_file, f"diffusers: {n_mag} magnitudes loaded, {n_file} in the file"
+with torch.no_grad():
+    dora["diffusers"] = unet(inp["sample"], inp["timestep"], inp["encoder_hidden_states"]).sample.contiguous()
+err = (dora["lycoris"] - dora["diffusers"]).abs().max().item()
+save_file(dora, os.path.join(DATA, "ours", "dora_output.safetensors"))
+print(f"LyCORIS loaded our kohya DoRA file, diffusers our PEFT one; they agree to {err:.2e}")
