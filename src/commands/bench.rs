@@ -53,6 +53,9 @@ pub struct BenchArgs {
     /// The LoRA file `lora-load` applies (any layout and kind).
     #[arg(long)]
     pub lora: Option<std::path::PathBuf>,
+    /// `train`: DoRA adapters instead of plain LoRA (`sd-lora train --network dora`).
+    #[arg(long)]
+    pub dora: bool,
     /// Attention score bytes materialised at once, MiB (default 4 on the CPU, 256 on GPUs;
     /// larger layers run in query chunks). A huge value keeps every score matrix whole.
     #[arg(long, value_parser = count)]
@@ -74,7 +77,11 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         device,
         dtype,
         variant: a.model.variant.clone(),
+        dora: a.dora,
     };
+    if a.dora && a.what != BenchKind::Train {
+        bail!("--dora is for `bench train`");
+    }
     match (a.what, &a.lora) {
         (BenchKind::Train, None) => bench_train(&cfg),
         (BenchKind::Generate, None) => bench_generate(&cfg),
@@ -103,6 +110,8 @@ pub struct BenchConfig {
     /// Weights variant of a pipeline folder (`generate` only; the training step uses random
     /// weights). Default none.
     pub variant: Option<String>,
+    /// `train`: DoRA adapters (a magnitude per output row) instead of plain LoRA. Default false.
+    pub dora: bool,
 }
 
 impl Default for BenchConfig {
@@ -116,6 +125,7 @@ impl Default for BenchConfig {
             device: Device::Cpu,
             dtype: DType::F32,
             variant: None,
+            dora: false,
         }
     }
 }
@@ -249,7 +259,10 @@ pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
     }
     let ucfg = UNetConfig::for_model(&cfg.model)?;
     let mut unet = UNet2DConditionModel::random(&ucfg, 0, dt, dev)?;
-    let summary = unet.inject_lora(&LoraConfig::new(16, 32.0), &VarMap::new())?;
+    let summary = unet.inject_lora(
+        &LoraConfig::new(16, 32.0).with_dora(cfg.dora),
+        &VarMap::new(),
+    )?;
     let tcfg = TrainConfig {
         lr: 1e-4,
         schedule: crate::train::LrSchedule::Constant,
@@ -271,7 +284,7 @@ pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
         crate::device::synchronize(dev)
     })?;
     Ok(BenchReport::new(
-        "train",
+        if cfg.dora { "train-dora" } else { "train" },
         cfg,
         (median_s, min_s, max_s),
         summary.trainable_params,
