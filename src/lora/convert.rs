@@ -54,6 +54,11 @@ pub fn convert_file(
         for (i, module) in list {
             let e = &file.entries[*i];
             n += 1;
+            let layer = models
+                .iter()
+                .find(|x| x.component == *c)
+                .and_then(|x| x.layer(module))
+                .with_context(|| format!("{show}: no layer `{module}` to convert for"))?;
             match to {
                 LoraFormat::Kohya => {
                     let stem = match c {
@@ -66,7 +71,7 @@ pub fn convert_file(
                             bail!("{show}: SDXL's second text encoder cannot be converted here")
                         }
                     };
-                    for (part, t) in kohya_parts(e) {
+                    for (part, t) in kohya_parts(e, &layer.shape)? {
                         put(&mut tensors, format!("{stem}.{part}"), &t)?;
                     }
                     if let Some(a) = e.alpha {
@@ -84,11 +89,6 @@ pub fn convert_file(
                         _ if module.starts_with("text_model.") => ("text_encoder", module.clone()),
                         _ => ("text_encoder", format!("text_model.{module}")),
                     };
-                    let layer = models
-                        .iter()
-                        .find(|x| x.component == *c)
-                        .and_then(|x| x.layer(module))
-                        .with_context(|| format!("{show}: no layer `{module}` to convert for"))?;
                     let (down, up) = peft_parts(e, &layer.shape).map_err(|why| {
                         anyhow::anyhow!(
                             "{show}: `{}` cannot be written for PEFT/diffusers: {why}; convert to kohya instead (A1111, ComfyUI and LyCORIS read every kind)",
@@ -153,8 +153,8 @@ pub fn convert_file(
     Ok(n)
 }
 
-/// The LyCORIS part names and tensors of an entry.
-fn kohya_parts(e: &LoraEntry) -> Vec<(&'static str, Tensor)> {
+/// The LyCORIS part names and tensors of an entry for a layer of shape `layer`.
+fn kohya_parts(e: &LoraEntry, layer: &[usize]) -> Result<Vec<(&'static str, Tensor)>> {
     let mut v: Vec<(&'static str, Tensor)> = e
         .weights
         .named_parts()
@@ -162,21 +162,18 @@ fn kohya_parts(e: &LoraEntry) -> Vec<(&'static str, Tensor)> {
         .map(|(n, t)| (n, t.clone()))
         .collect();
     if let Some(d) = &e.dora_scale {
-        // kohya/LyCORIS keep the magnitude with the weight's rank: [out, 1, ..] or [1, in, ..]
-        let rank = match &e.weights {
-            PatchWeights::Lora { down, .. } => down.rank(),
-            _ => 2,
-        };
+        // kohya/LyCORIS keep the magnitude with the weight's rank: [out, 1, ..] or [1, in, ..];
+        // PEFT's 1-D magnitude is the output axis
         let d = if d.rank() == 1 {
             let mut shape = vec![d.elem_count()];
-            shape.extend(std::iter::repeat_n(1, rank.saturating_sub(1)));
-            d.reshape(shape).unwrap_or_else(|_| d.clone())
+            shape.extend(std::iter::repeat_n(1, layer.len().saturating_sub(1)));
+            d.reshape(shape)?
         } else {
             d.clone()
         };
         v.push(("dora_scale", d));
     }
-    v
+    Ok(v)
 }
 
 /// `(lora_A, lora_B)` of an entry PEFT can hold, shaped for the layer (`[r, in]`/`[out, r]`

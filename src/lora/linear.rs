@@ -360,25 +360,38 @@ impl LoraLinear {
 
     /// `x [..., in] -> [..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = match self.patches.effective() {
-            Some((w, b)) => linear(x, w, b.as_ref())?,
-            None => linear(x, &self.weight, self.bias.as_ref())?,
+        let (w, bias) = match self.patches.effective() {
+            Some((w, b)) => (w, b.as_ref()),
+            None => (&self.weight, self.bias.as_ref()),
         };
-        if self.is_merged() {
+        let active: Vec<&LoraAdapter> = if self.is_merged() {
+            Vec::new()
+        } else {
+            self.adapters
+                .iter()
+                .filter(|a| a.enabled && a.scale != 0.0)
+                .collect()
+        };
+        // DoRA needs x·Wᵀ without the bias: computed once, shared with the base output
+        let (mut y, xw) = if active.iter().any(|a| a.magnitude.is_some()) {
+            let xw = linear(x, w, None)?;
+            let y = match bias {
+                Some(b) => xw.broadcast_add(b)?,
+                None => xw.clone(),
+            };
+            (y, Some(xw.to_dtype(DType::F32)?))
+        } else {
+            (linear(x, w, bias)?, None)
+        };
+        if active.is_empty() {
             return Ok(y);
         }
-        let mut xf: Option<Tensor> = None;
-        for ad in self.adapters.iter().filter(|a| a.enabled && a.scale != 0.0) {
-            let xf = match &xf {
-                Some(t) => t.clone(),
-                None => xf.insert(x.to_dtype(DType::F32)?).clone(),
-            };
-            if let Some(m) = &ad.magnitude {
+        let xf = x.to_dtype(DType::F32)?;
+        for ad in active {
+            if let (Some(m), Some(xw)) = (&ad.magnitude, &xw) {
                 // y += s·((g − 1)·xWᵀ + g·c·BAx), g = m/‖W + cBA‖ per output
-                let w = self.patches.effective().map_or(&self.weight, |(w, _)| w);
                 let g = ad.dora_gain(w, m)?;
                 let c = ad.alpha / ad.rank() as f64;
-                let xw = linear(&xf, &w.to_dtype(DType::F32)?, None)?;
                 let bax = linear(
                     &(linear(&xf, ad.a.as_tensor(), None)? * c)?,
                     ad.b.as_tensor(),
