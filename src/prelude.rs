@@ -2,10 +2,10 @@
 
 pub use crate::data::{image_to_tensor, tensor_to_image, CaptionSource, DataConfig, ImageFolder};
 pub use crate::device::{peak_rss_mib, reset_peak_rss};
-pub use crate::lora::io::{save_lora, save_lora_as};
+pub use crate::lora::io::{save_adapters, save_lora, save_lora_as};
 pub use crate::lora::{
     group_digits, AdapterKind, Component, LoraApplied, LoraConfig, LoraFile, LoraFormat, LoraInit,
-    LoraLinear, LoraLoad, LoraModel, LoraSummary,
+    LoraLinear, LoraLoad, LoraModel, LoraSummary, TEXT_INJECTABLE,
 };
 pub use crate::pipeline::{GenerateConfig, Images, LoadOptions, StableDiffusion};
 pub use crate::plot::{

@@ -481,3 +481,122 @@ fn dora_trains_resumes_bit_identically_and_writes_dora_files() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && text.contains("LoRA+DoRA"), "{text}");
 }
+
+#[test]
+fn locon_with_text_encoder_trains_resumes_bit_identically_and_writes_complete_files() {
+    let s = setup();
+    let extra = |steps: &str| -> Vec<String> {
+        [
+            "--network",
+            "locon",
+            "--conv-rank",
+            "2",
+            "--conv-alpha",
+            "1",
+            "--train-text-encoder",
+            "--text-encoder-lr",
+            "5e-4",
+            "--save-every",
+            steps,
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let with = |run: &str, steps: usize, every: &str, resume: bool| {
+        let mut e = extra(every);
+        if resume {
+            e.push("--resume".into());
+        }
+        let e: Vec<&str> = e.iter().map(|x| x.as_str()).collect();
+        ok(&sd_lora(&s.args(run, steps, &e)))
+    };
+    let log = with("straight", 4, "4", false);
+    assert!(log.contains("text encoder:"), "{log}");
+    with("split", 2, "2", false);
+    with("split", 4, "2", true);
+    for f in ["lora.safetensors", "lora_peft.safetensors"] {
+        assert!(
+            same_tensors(&s.out("straight").join(f), &s.out("split").join(f)),
+            "{f} differs after resume"
+        );
+    }
+    let kohya = tensors(&s.out("straight").join("lora.safetensors"));
+    let te_ups: Vec<&String> = kohya
+        .keys()
+        .filter(|k| {
+            k.starts_with("lora_te_text_model_encoder_layers_") && k.ends_with(".lora_up.weight")
+        })
+        .collect();
+    // every q/k/v/out_proj/fc1/fc2 of every text-encoder layer, trained away from zero
+    assert!(
+        te_ups.len() >= 6 && te_ups.len().is_multiple_of(6),
+        "{te_ups:?}"
+    );
+    for k in &te_ups {
+        let m = kohya[*k]
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(m > 0.0, "{k} was not trained");
+    }
+    let conv_down = &kohya["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"];
+    assert_eq!(conv_down.dims()[0], 2);
+    assert_eq!(&conv_down.dims()[2..], &[3, 3]);
+    assert_eq!(
+        kohya["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"].dims()[1..],
+        [2, 1, 1]
+    );
+    let meta = sd_lora_meta(&s.out("straight").join("lora.safetensors"));
+    assert_eq!(meta["ss_network_train_unet_only"], "False");
+    assert_eq!(meta["ss_text_encoder_lr"], "0.0005");
+    assert_eq!(
+        meta["ss_network_args"],
+        r#"{"conv_alpha":"1","conv_dim":"2"}"#
+    );
+    let peft = tensors(&s.out("straight").join("lora_peft.safetensors"));
+    assert!(
+        peft.keys()
+            .any(|k| k
+                .starts_with("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A"))
+    );
+    assert!(peft.contains_key("unet.down_blocks.0.resnets.0.conv1.lora_A.weight"));
+    // inspect-lora matches every tensor of both files against the model
+    for f in ["lora.safetensors", "lora_peft.safetensors"] {
+        let o = sd_lora(&[
+            "inspect-lora".into(),
+            s.out("straight").join(f).to_str().unwrap().into(),
+            "--model".into(),
+            s.model.path().to_str().unwrap().into(),
+        ]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{text}");
+        assert!(
+            text.contains("text encoder") && !text.contains("NOT MATCHED"),
+            "{text}"
+        );
+    }
+    fails_with(
+        &sd_lora(&s.args("bad", 1, &["--conv-rank", "2"])),
+        &["--conv-rank", "--network locon"],
+    );
+    fails_with(
+        &sd_lora(&s.args("bad", 1, &["--text-encoder-lr", "1e-4"])),
+        &["--train-text-encoder"],
+    );
+}
+
+fn sd_lora_meta(p: &Path) -> std::collections::HashMap<String, String> {
+    let bytes = std::fs::read(p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header["__metadata__"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        .collect()
+}

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use super::args::{count, learning_rate, non_negative, positive, probability, ModelArgs};
 use super::args::{Resolution, SaveDType};
 use crate::data::{CaptionSource, DataConfig, ImageFolder};
-use crate::lora::io::{save_lora_as, KohyaTrainingMetadata};
+use crate::lora::io::KohyaTrainingMetadata;
 use crate::lora::{LoraConfig, LoraFormat, LoraModel};
 use crate::pipeline::{GenerateConfig, LoadOptions, StableDiffusion};
 use crate::train::{checkpoint, Checkpoints, LatentCache, LrSchedulerKind, MetricsCsv};
@@ -23,6 +23,8 @@ pub enum Network {
     Lora,
     /// Weight-decomposed LoRA.
     Dora,
+    /// LoRA plus conv adapters on the resnets' and samplers' convolutions (kohya `conv_dim`).
+    Locon,
 }
 
 /// `sd-lora train`. Every default is the library's ([`TrainConfig`], [`LoraConfig`],
@@ -46,10 +48,33 @@ pub struct TrainArgs {
     /// Comma-separated module targets (`to_q,to_k,to_v`; shorthands attn, ff, all).
     #[arg(long, default_value = "to_q,to_k,to_v")]
     pub targets: String,
-    /// The adapter: `lora` (B·A) or `dora` (B·A plus a learned magnitude per output row;
-    /// LyCORIS `dora_wd`, PEFT `use_dora`).
+    /// The adapter: `lora` (B·A), `dora` (B·A plus a learned magnitude per output row;
+    /// LyCORIS `dora_wd`, PEFT `use_dora`) or `locon` (LoRA plus conv adapters on the
+    /// resnets' and samplers' convolutions; kohya `conv_dim`).
     #[arg(long, value_enum, default_value_t = Network::Lora)]
     pub network: Network,
+    /// LoCon: rank of the conv adapters (kohya `conv_dim`) [default: --rank].
+    #[arg(long, value_parser = count)]
+    pub conv_rank: Option<usize>,
+    /// LoCon: alpha of the conv adapters (kohya `conv_alpha`) [default: 2 x conv rank].
+    #[arg(long, value_parser = positive, allow_negative_numbers = true)]
+    pub conv_alpha: Option<f64>,
+    /// Also train LoRA on the text encoder (captions are then encoded at every step).
+    #[arg(long)]
+    pub train_text_encoder: bool,
+    /// Text-encoder modules to adapt with --train-text-encoder (comma-separated suffixes).
+    #[arg(
+        long,
+        default_value = "q_proj,k_proj,v_proj,out_proj,fc1,fc2",
+        requires = "train_text_encoder"
+    )]
+    pub text_encoder_targets: String,
+    /// The text encoder's learning rate [default: --lr].
+    #[arg(long, value_parser = learning_rate, allow_negative_numbers = true, requires = "train_text_encoder")]
+    pub text_encoder_lr: Option<f64>,
+    /// The UNet's learning rate [default: --lr].
+    #[arg(long, value_parser = learning_rate, allow_negative_numbers = true)]
+    pub unet_lr: Option<f64>,
     /// Passes over the data set.
     #[arg(long, default_value_t = TrainConfig::default().epochs, value_parser = count)]
     pub epochs: usize,
@@ -141,6 +166,8 @@ pub struct TrainOptions {
     pub data: PathBuf,
     pub out: PathBuf,
     pub lora: LoraConfig,
+    /// The text encoder's LoRA when it trains (`train.train_text_encoder`).
+    pub text_encoder_lora: Option<LoraConfig>,
     pub data_config: DataConfig,
     pub train: TrainConfig,
     /// Checkpoint every N optimizer steps (and always at the end).
@@ -170,6 +197,20 @@ impl TrainArgs {
     pub fn options(&self) -> Result<TrainOptions> {
         let (device, dtype) = self.model.resolve()?;
         let alpha = self.alpha.unwrap_or(LoraConfig::default_alpha(self.rank));
+        if self.network != Network::Locon && (self.conv_rank.is_some() || self.conv_alpha.is_some())
+        {
+            anyhow::bail!("--conv-rank/--conv-alpha need --network locon");
+        }
+        let mut lora = LoraConfig::new(self.rank, alpha)
+            .with_targets(&LoraConfig::parse_targets(&self.targets))
+            .with_seed(self.seed)
+            .with_dora(self.network == Network::Dora);
+        if self.network == Network::Locon {
+            lora = lora.with_conv(self.conv_rank.unwrap_or(self.rank), self.conv_alpha);
+        }
+        let text_encoder_lora = self
+            .train_text_encoder
+            .then(|| lora.for_text_encoder(&LoraConfig::parse_targets(&self.text_encoder_targets)));
         Ok(TrainOptions {
             model: self.model.model.clone(),
             variant: self.model.variant.clone(),
@@ -177,10 +218,8 @@ impl TrainArgs {
             dtype,
             data: self.data.clone(),
             out: self.out.clone(),
-            lora: LoraConfig::new(self.rank, alpha)
-                .with_targets(&LoraConfig::parse_targets(&self.targets))
-                .with_seed(self.seed)
-                .with_dora(self.network == Network::Dora),
+            lora,
+            text_encoder_lora,
             data_config: DataConfig {
                 width: self.resolution.width,
                 height: self.resolution.height,
@@ -190,7 +229,11 @@ impl TrainArgs {
                 skip_bad_images: self.skip_bad_images,
             },
             train: TrainConfig {
-                lr: self.lr,
+                lr: self.unet_lr.unwrap_or(self.lr),
+                train_text_encoder: self.train_text_encoder,
+                text_encoder_lr: self
+                    .train_text_encoder
+                    .then_some(self.text_encoder_lr.unwrap_or(self.lr)),
                 weight_decay: self.weight_decay,
                 epochs: self.epochs,
                 max_steps: self.max_steps,
@@ -236,6 +279,19 @@ pub fn train(opts: &TrainOptions) -> Result<String> {
         cache_dir: None,
     })?;
     eprintln!("{}", sd.unet.inject_lora(&opts.lora, &VarMap::new())?);
+    if let Some(te) = &opts.text_encoder_lora {
+        anyhow::ensure!(
+            opts.train.train_text_encoder,
+            "a text-encoder LoRA config is given but train.train_text_encoder is off"
+        );
+        let s = sd.text_encoder.inject_lora(te, &VarMap::new())?;
+        eprintln!("text encoder:\n{s}");
+    } else {
+        anyhow::ensure!(
+            !opts.train.train_text_encoder,
+            "train.train_text_encoder is on but no text-encoder LoRA config is given"
+        );
+    }
     let cache = build_cache(opts, &sd, &data)?;
     let mut trainer = Trainer::new(&sd, opts.train.clone())?;
     let ckpt_dir = opts.out.join("checkpoints");
@@ -385,6 +441,9 @@ fn write_outputs(
     let c = &trainer.config;
     let meta = KohyaTrainingMetadata {
         learning_rate: c.lr,
+        text_encoder_lr: c
+            .train_text_encoder
+            .then(|| c.text_encoder_lr.unwrap_or(c.lr)),
         num_epochs: c.epochs,
         max_train_steps: total,
         train_batch_size: c.batch_size,
@@ -399,21 +458,13 @@ fn write_outputs(
         caption_dropout_rate: c.caption_dropout,
         save_precision: opts.save_dtype,
     };
-    let layers = sd.unet.linears()?;
     let kohya = out.join("lora.safetensors");
-    save_lora_as(
-        &layers,
+    sd.save_lora(
+        kohya,
         LoraFormat::Kohya,
         opts.save_dtype,
-        kohya,
         &meta.to_metadata(),
     )?;
     let peft = out.join("lora_peft.safetensors");
-    save_lora_as(
-        &layers,
-        LoraFormat::Peft,
-        opts.save_dtype,
-        peft,
-        &Default::default(),
-    )
+    sd.save_lora(peft, LoraFormat::Peft, opts.save_dtype, &Default::default())
 }

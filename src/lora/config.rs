@@ -31,6 +31,10 @@ pub const INJECTABLE: &[&str] = &[
     "ff.net.2",
 ];
 
+/// Module names LoRA can be injected into in the CLIP text encoder: its attention projections
+/// and MLP (kohya's and PEFT's text-encoder targets).
+pub const TEXT_INJECTABLE: &[&str] = &["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"];
+
 /// LoRA configuration (the tutorial's `LoRALayer` arguments). `Default` is the tutorial's: rank 16, alpha 32, `to_q,to_k,to_v` of
 /// every self- (`attn1`) and cross-attention (`attn2`), `A ~ N(0, 0.01^2)`, `B = 0`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +55,16 @@ pub struct LoraConfig {
     /// [`crate::lora::LoraAdapter::magnitude`]). Default false (plain LoRA).
     #[serde(default)]
     pub dora: bool,
+    /// LoCon: also adapt the UNet's convolutions inside resnets and down/upsamplers
+    /// (`conv1`, `conv2`, `conv_shortcut`, `downsamplers.0.conv`, `upsamplers.0.conv`; not
+    /// `conv_in`/`conv_out`) with this rank (kohya's `conv_dim`). Default None (linear layers
+    /// only).
+    #[serde(default)]
+    pub conv_rank: Option<usize>,
+    /// Alpha of the conv adapters (kohya's `conv_alpha`). Default None = 2 x `conv_rank`
+    /// (our alpha default; kohya's is 1).
+    #[serde(default)]
+    pub conv_alpha: Option<f64>,
 }
 
 impl Default for LoraConfig {
@@ -62,6 +76,8 @@ impl Default for LoraConfig {
             init: LoraInit::default(),
             seed: 202509,
             dora: false,
+            conv_rank: None,
+            conv_alpha: None,
         }
     }
 }
@@ -113,6 +129,20 @@ impl LoraConfig {
         self
     }
 
+    /// LoCon: conv adapters of rank `rank` and alpha `alpha` (None = 2 x rank) next to the
+    /// linear ones (see [`LoraConfig::conv_rank`]).
+    pub fn with_conv(mut self, rank: usize, alpha: Option<f64>) -> Self {
+        self.conv_rank = Some(rank);
+        self.conv_alpha = alpha;
+        self
+    }
+
+    /// The conv adapters' alpha (see [`LoraConfig::conv_alpha`]).
+    pub fn conv_alpha_or_default(&self) -> Option<f64> {
+        self.conv_rank
+            .map(|r| self.conv_alpha.unwrap_or(Self::default_alpha(r)))
+    }
+
     /// Parses a comma-separated target list such as `to_q,to_k,to_v,to_out.0`. Shorthands:
     /// `attn` = q,k,v,out.0; `ff` = both feed-forward linears; `all` = every injectable module.
     pub fn parse_targets(s: &str) -> Vec<String> {
@@ -129,6 +159,19 @@ impl LoraConfig {
         out
     }
 
+    /// The text encoder's configuration for a run with this UNet configuration (kohya's: same
+    /// rank, alpha, init and DoRA; targets `targets` (e.g. [`TEXT_INJECTABLE`]), no conv
+    /// adapters, its own seed).
+    pub fn for_text_encoder<S: AsRef<str>>(&self, targets: &[S]) -> Self {
+        Self {
+            targets: targets.iter().map(|s| s.as_ref().to_string()).collect(),
+            conv_rank: None,
+            conv_alpha: None,
+            seed: self.seed ^ 0x7465_7874, // "text"
+            ..self.clone()
+        }
+    }
+
     /// `alpha / rank`.
     pub fn scaling(&self) -> f64 {
         self.alpha / self.rank as f64
@@ -142,6 +185,19 @@ impl LoraConfig {
         if !self.alpha.is_finite() {
             anyhow::bail!("LoRA alpha must be finite, got {}", self.alpha);
         }
+        if self.conv_rank == Some(0) {
+            anyhow::bail!("LoCon conv rank must be at least 1");
+        }
+        if let Some(a) = self.conv_alpha {
+            if !a.is_finite() {
+                anyhow::bail!("LoCon conv alpha must be finite, got {a}");
+            }
+        }
+        if self.dora && self.conv_rank.is_some() {
+            anyhow::bail!(
+                "DoRA on convolutions is not supported: train DoRA on the linear layers, or LoCon (conv adapters) without DoRA"
+            );
+        }
         if self.targets.is_empty() {
             anyhow::bail!(
                 "LoRA targets are empty: name at least one of {}",
@@ -151,11 +207,13 @@ impl LoraConfig {
         for t in &self.targets {
             if !INJECTABLE
                 .iter()
+                .chain(TEXT_INJECTABLE)
                 .any(|k| t == k || t.ends_with(&format!(".{k}")))
             {
                 anyhow::bail!(
-                    "unknown LoRA target `{t}`: targets must end in one of {}",
-                    INJECTABLE.join(", ")
+                    "unknown LoRA target `{t}`: targets must end in one of {} (UNet) or {} (text encoder)",
+                    INJECTABLE.join(", "),
+                    TEXT_INJECTABLE.join(", ")
                 );
             }
         }
@@ -166,6 +224,14 @@ impl LoraConfig {
     pub fn matches(&self, name: &str) -> bool {
         self.targets.iter().any(|t| target_matches(t, name))
     }
+}
+
+/// Is module `name` a LoCon target: a convolution inside a resnet or a down/upsampler (kohya's
+/// `ResnetBlock2D`, `Downsample2D`, `Upsample2D`)?
+pub fn is_locon_target(name: &str) -> bool {
+    [".resnets.", ".downsamplers.", ".upsamplers."]
+        .iter()
+        .any(|p| name.contains(p))
 }
 
 /// PEFT-style suffix match: `name == target` or `name` ends with `.target`.

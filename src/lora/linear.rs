@@ -33,7 +33,62 @@ pub struct LoraAdapter {
     pub magnitude: Option<Var>,
 }
 
+/// `n` values of a fresh `A` with fan-in `fan_in`, per `init`, seeded by `seed`.
+fn init_values(init: LoraInit, n: usize, fan_in: usize, seed: u64) -> Result<Vec<f32>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    Ok(match init {
+        LoraInit::Normal { std } => {
+            let d =
+                Normal::new(0.0, std).with_context(|| format!("invalid LoRA init std {std}"))?;
+            (0..n).map(|_| d.sample(&mut rng) as f32).collect()
+        }
+        LoraInit::KaimingUniform => {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let d = Uniform::new(-bound, bound)?;
+            (0..n).map(|_| d.sample(&mut rng) as f32).collect()
+        }
+    })
+}
+
 impl LoraAdapter {
+    /// A fresh trainable adapter for a convolution with weight `[out, in, k, k]` (LoCon,
+    /// kohya's `conv_dim`): `A [rank, in, k, k]` (the down-projection convolves with the
+    /// layer's own stride and padding) initialised per `init` with fan-in `in·k·k`, and
+    /// `B [out, rank, 1, 1] = 0`, so the layer starts as the base layer. f32, on `device`.
+    pub fn new_conv(
+        name: &str,
+        weight_shape: &[usize],
+        rank: usize,
+        alpha: f64,
+        init: LoraInit,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let &[out, cin, kh, kw] = weight_shape else {
+            bail!("a conv adapter needs a [out, in, k, k] weight, got {weight_shape:?}");
+        };
+        if rank == 0 {
+            bail!("LoRA rank must be at least 1");
+        }
+        let a = init_values(init, rank * cin * kh * kw, cin * kh * kw, seed)?;
+        let a = Tensor::from_vec(a, (rank, cin, kh, kw), &Device::Cpu)?.to_device(device)?;
+        let b = Tensor::zeros((out, rank, 1, 1), DType::F32, device)?;
+        Ok(Self {
+            name: name.to_string(),
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            alpha,
+            scale: 1.0,
+            enabled: true,
+            magnitude: None,
+        })
+    }
+
+    /// True for a convolution's adapter (`A [r, in, k, k]`).
+    pub fn is_conv(&self) -> bool {
+        self.a.rank() == 4
+    }
+
     pub fn rank(&self) -> usize {
         self.a.dims()[0]
     }
@@ -43,10 +98,22 @@ impl LoraAdapter {
         self.scale * self.alpha / self.rank() as f64
     }
 
-    /// `dW = (alpha/rank) · B · A` (without the runtime scale), `[out, in]`, f32.
+    /// `dW = (alpha/rank) · B · A` (without the runtime scale), f32: `[out, in]`, or
+    /// `[out, in, k, k]` for a convolution's adapter.
     pub fn delta_weight(&self) -> Result<Tensor> {
         let f = self.alpha / self.rank() as f64;
-        Ok((self.b.as_tensor().matmul(self.a.as_tensor())? * f)?)
+        let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
+        if !self.is_conv() {
+            return Ok((b.matmul(a)? * f)?);
+        }
+        let &[r, cin, kh, kw] = a.dims() else {
+            bail!("conv adapter A must be [r, in, k, k]");
+        };
+        let out = b.dims()[0];
+        let d = b
+            .reshape((out, r))?
+            .matmul(&a.reshape((r, cin * kh * kw))?)?;
+        Ok((d.reshape((out, cin, kh, kw))? * f)?)
     }
 
     pub fn num_params(&self) -> usize {
@@ -200,20 +267,7 @@ impl LoraLinear {
         device: &Device,
     ) -> Result<&LoraAdapter> {
         let (out_dim, in_dim) = (self.out_dim(), self.in_dim());
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let n = rank * in_dim;
-        let a: Vec<f32> = match init {
-            LoraInit::Normal { std } => {
-                let d = Normal::new(0.0, std)
-                    .with_context(|| format!("invalid LoRA init std {std}"))?;
-                (0..n).map(|_| d.sample(&mut rng) as f32).collect()
-            }
-            LoraInit::KaimingUniform => {
-                let bound = 1.0 / (in_dim as f64).sqrt();
-                let d = Uniform::new(-bound, bound)?;
-                (0..n).map(|_| d.sample(&mut rng) as f32).collect()
-            }
-        };
+        let a = init_values(init, rank * in_dim, in_dim, seed)?;
         let a = Tensor::from_vec(a, (rank, in_dim), &Device::Cpu)?.to_device(device)?;
         let b = Tensor::zeros((out_dim, rank), DType::F32, device)?;
         self.set_adapter(a, b, alpha)
@@ -438,6 +492,30 @@ impl Patchable for LoraLinear {
     }
     fn is_conv(&self) -> bool {
         self.conv1x1
+    }
+    fn lora_adapters(&self) -> &[LoraAdapter] {
+        &self.adapters
+    }
+    fn lora_adapters_mut(&mut self) -> &mut [LoraAdapter] {
+        &mut self.adapters
+    }
+    fn push_lora_adapter(&mut self, ad: LoraAdapter) -> Result<()> {
+        let m = ad.magnitude.as_ref().map(|m| m.as_tensor().clone());
+        self.add_adapter(
+            &ad.name,
+            ad.a.as_tensor().clone(),
+            ad.b.as_tensor().clone(),
+            ad.alpha,
+        )?;
+        if m.is_some() {
+            self.set_magnitude(&ad.name, m)?;
+        }
+        Ok(())
+    }
+    fn clear_lora_adapters(&mut self) -> Result<()> {
+        self.unmerge()?;
+        self.adapters.clear();
+        Ok(())
     }
 }
 

@@ -16,7 +16,9 @@ use candle_nn::VarMap;
 use serde::Serialize;
 
 pub use apply::{LoraApplied, LoraLoad, LoraPlan, ModuleIndex};
-pub use config::{target_matches, LoraConfig, LoraInit, INJECTABLE};
+pub use config::{
+    is_locon_target, target_matches, LoraConfig, LoraInit, INJECTABLE, TEXT_INJECTABLE,
+};
 pub use file::{LoraEntry, LoraFile};
 pub use io::LoraFormat;
 pub use keys::Component;
@@ -114,7 +116,8 @@ pub trait LoraModel: Clone {
         let device = self.device().clone();
         let mut index = 0u64;
         let mut new_vars: Vec<(String, Var)> = Vec::new();
-        self.for_each_linear(&mut |l| {
+        let mut staged = self.clone();
+        staged.for_each_linear(&mut |l| {
             if !cfg.matches(l.name()) {
                 return Ok(());
             }
@@ -137,7 +140,38 @@ pub trait LoraModel: Clone {
             new_vars.extend(adapter_vars(&name, ad));
             Ok(())
         })?;
+        if let (Some(rank), Some(alpha)) = (cfg.conv_rank, cfg.conv_alpha_or_default()) {
+            let mut convs = 0;
+            staged.for_each_patchable(&mut |p| {
+                let shape = p.weight_shape();
+                if shape.len() != 4 || !is_locon_target(p.name()) {
+                    return Ok(());
+                }
+                if p.lora_adapters().iter().any(|a| a.name == DEFAULT_ADAPTER) {
+                    bail!("{} already has a LoRA adapter", p.name());
+                }
+                index += 1;
+                let seed = cfg.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let ad = LoraAdapter::new_conv(
+                    DEFAULT_ADAPTER,
+                    &shape,
+                    rank,
+                    alpha,
+                    cfg.init,
+                    seed,
+                    &device,
+                )?;
+                new_vars.extend(adapter_vars(p.name(), &ad));
+                p.push_lora_adapter(ad)?;
+                convs += 1;
+                Ok(())
+            })?;
+            if convs == 0 {
+                bail!("LoCon: this model has no resnet or sampler convolutions to adapt");
+            }
+        }
         register(varmap, new_vars)?;
+        *self = staged;
         self.lora_summary()
     }
 
@@ -270,13 +304,15 @@ pub trait LoraModel: Clone {
     /// Counts of adapted layers and parameters.
     fn lora_summary(&self) -> Result<LoraSummary> {
         let mut layers = Vec::new();
-        self.visit_linears(&mut |l| {
-            for ad in l.adapters() {
+        self.visit_patchables(&mut |l| {
+            let shape = l.weight_shape();
+            for ad in l.lora_adapters() {
                 layers.push(LoraLayerInfo {
                     name: l.name().to_string(),
                     adapter: ad.name.clone(),
-                    in_dim: l.in_dim(),
-                    out_dim: l.out_dim(),
+                    in_dim: shape[1..].iter().product(),
+                    out_dim: shape[0],
+                    conv: ad.is_conv(),
                     rank: ad.rank(),
                     alpha: ad.alpha,
                     params: ad.num_params(),
@@ -313,10 +349,37 @@ pub trait LoraModel: Clone {
     #[doc(alias = "freeze_non_lora_params")]
     fn lora_vars(&self) -> Result<Vec<(String, Var)>> {
         let mut out = Vec::new();
-        self.visit_linears(&mut |l| {
-            for ad in l.adapters() {
+        self.visit_patchables(&mut |l| {
+            for ad in l.lora_adapters() {
                 out.extend(adapter_vars(l.name(), ad));
             }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Each layer's main trainable adapter (`default`, else its first) as files store it
+    /// (see [`io::save_adapters`]).
+    fn adapted_layers(&self) -> Result<Vec<io::AdaptedLayer>> {
+        let c = self.lora_component();
+        let mut out = Vec::new();
+        self.visit_patchables(&mut |p| {
+            let ads = p.lora_adapters();
+            let Some(ad) = ads
+                .iter()
+                .find(|a| a.name == DEFAULT_ADAPTER)
+                .or(ads.first())
+            else {
+                return Ok(());
+            };
+            let shape = p.weight_shape();
+            out.push(io::AdaptedLayer {
+                component: c,
+                module: io::file_module(c, p.name()),
+                adapter: ad.clone(),
+                conv1x1: p.is_conv() && shape.len() == 2,
+                out_dim: shape[0],
+            });
             Ok(())
         })?;
         Ok(out)
@@ -326,8 +389,8 @@ pub trait LoraModel: Clone {
     /// order.
     fn adapter_names(&self) -> Result<Vec<String>> {
         let mut names: Vec<String> = Vec::new();
-        self.visit_linears(&mut |l| {
-            for ad in l.adapters() {
+        self.visit_patchables(&mut |l| {
+            for ad in l.lora_adapters() {
                 if !names.contains(&ad.name) {
                     names.push(ad.name.clone());
                 }
@@ -368,8 +431,8 @@ pub trait LoraModel: Clone {
             );
         }
         self.ensure_unmerged("changing the LoRA scale")?;
-        self.for_each_linear(&mut |l| {
-            for ad in l.adapters_mut().iter_mut().filter(|a| a.name == name) {
+        self.for_each_patchable(&mut |l| {
+            for ad in l.lora_adapters_mut().iter_mut().filter(|a| a.name == name) {
                 ad.scale = scale;
             }
             Ok(())
@@ -389,8 +452,8 @@ pub trait LoraModel: Clone {
             bail!("LoRA scale must be finite, got {scale}");
         }
         self.ensure_unmerged("changing the LoRA scale")?;
-        self.for_each_linear(&mut |l| {
-            for ad in l.adapters_mut() {
+        self.for_each_patchable(&mut |l| {
+            for ad in l.lora_adapters_mut() {
                 ad.scale = scale;
             }
             Ok(())
@@ -401,8 +464,8 @@ pub trait LoraModel: Clone {
     /// Switches every adapter on or off without touching its weights.
     fn set_lora_enabled(&mut self, enabled: bool) -> Result<()> {
         self.ensure_unmerged("enabling or disabling LoRA")?;
-        self.for_each_linear(&mut |l| {
-            for ad in l.adapters_mut() {
+        self.for_each_patchable(&mut |l| {
+            for ad in l.lora_adapters_mut() {
                 ad.enabled = enabled;
             }
             Ok(())
@@ -422,8 +485,8 @@ pub trait LoraModel: Clone {
 
     /// Removes every adapter and weight patch (the model is the base model again).
     fn remove_lora(&mut self) -> Result<()> {
-        self.for_each_linear(&mut |l| l.remove_adapters().map(|_| ()))?;
         self.for_each_patchable(&mut |p| {
+            p.clear_lora_adapters()?;
             p.clear_patches();
             Ok(())
         })
@@ -474,8 +537,11 @@ pub struct LoraLayerInfo {
     pub name: String,
     /// Adapter name (`default` unless loaded under another name).
     pub adapter: String,
+    /// Inputs per output (`in`, or `in·k·k` for a convolution).
     pub in_dim: usize,
     pub out_dim: usize,
+    /// A convolution's (LoCon) adapter.
+    pub conv: bool,
     pub rank: usize,
     pub alpha: f64,
     pub params: usize,

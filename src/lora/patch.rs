@@ -16,6 +16,8 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
+use super::linear::LoraAdapter;
+
 /// One factor of a LoKr Kronecker product: stored whole or as `a·b`.
 #[derive(Debug, Clone)]
 pub enum KronFactor {
@@ -629,6 +631,15 @@ pub trait Patchable {
     fn clear_patches(&mut self);
     /// True for convolutions with a k x k kernel (k > 1) or 1x1 convolutions.
     fn is_conv(&self) -> bool;
+    /// The layer's trainable LoRA adapters (linear: `A [r, in]`, `B [out, r]`; convolution:
+    /// `A [r, in, k, k]`, `B [out, r, 1, 1]`).
+    fn lora_adapters(&self) -> &[LoraAdapter];
+    fn lora_adapters_mut(&mut self) -> &mut [LoraAdapter];
+    /// Adds a trainable adapter built for this layer (see [`LoraAdapter::new_conv`]); fails on
+    /// a duplicate name or shapes that do not fit.
+    fn push_lora_adapter(&mut self, ad: LoraAdapter) -> Result<()>;
+    /// Removes every trainable adapter (unmerging first where that applies).
+    fn clear_lora_adapters(&mut self) -> Result<()>;
 }
 
 #[cfg(test)]

@@ -2,17 +2,20 @@
 //! in `models/resnet.py` and `models/normalization.py`): frozen convolution, group and layer
 //! norm, nearest upsampling, and the resnet blocks with their down/upsamplers.
 
-use anyhow::{Context, Result};
-use candle_core::Tensor;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
 
 pub mod resnet;
 
 use crate::lora::patch::{PatchSet, Patchable, WeightPatch};
+use crate::lora::LoraAdapter;
 use crate::ops;
 use crate::weights::{Init, WeightSource};
 
 /// A 2-D convolution with square kernel, "same"-style padding and a bias. Loaded LoRA files
-/// (LoCon, LoHa, LoKr, DoRA, full) can patch its weight.
+/// (LoCon, LoHa, LoKr, DoRA, full) can patch its weight; trainable LoCon adapters
+/// (`A [r, in, k, k]` with this layer's stride and padding, then `B [out, r, 1, 1]`, kohya's
+/// `conv_dim` layout) add `scale·(alpha/r)·B(A(x))` to its output.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     /// Module path (the checkpoint key without `.weight`).
@@ -22,6 +25,7 @@ pub struct Conv2d {
     pub stride: usize,
     pub padding: usize,
     patches: PatchSet,
+    adapters: Vec<LoraAdapter>,
 }
 
 impl Conv2d {
@@ -41,6 +45,7 @@ impl Conv2d {
             stride,
             padding,
             patches: PatchSet::default(),
+            adapters: Vec::new(),
         })
     }
 
@@ -50,13 +55,16 @@ impl Conv2d {
             Some((w, None)) => (w, &self.bias),
             None => (&self.weight, &self.bias),
         };
-        Ok(ops::frozen_conv2d(
-            x,
-            w,
-            Some(b),
-            self.padding,
-            self.stride,
-        )?)
+        let mut y = ops::frozen_conv2d(x, w, Some(b), self.padding, self.stride)?;
+        for ad in self.adapters.iter().filter(|a| a.enabled && a.scale != 0.0) {
+            let xf = x.to_dtype(DType::F32)?;
+            // the factor goes on the rank-r intermediate (r channels instead of out)
+            let down = ops::frozen_conv2d(&xf, ad.a.as_tensor(), None, self.padding, self.stride)?;
+            let h = ops::frozen_conv2d(&(down * ad.factor())?, ad.b.as_tensor(), None, 0, 1)?;
+            let dt = y.dtype();
+            y = (y + h.to_dtype(dt)?)?;
+        }
+        Ok(y)
     }
 }
 
@@ -86,6 +94,44 @@ impl Patchable for Conv2d {
     }
     fn is_conv(&self) -> bool {
         true
+    }
+    fn lora_adapters(&self) -> &[LoraAdapter] {
+        &self.adapters
+    }
+    fn lora_adapters_mut(&mut self) -> &mut [LoraAdapter] {
+        &mut self.adapters
+    }
+    fn push_lora_adapter(&mut self, ad: LoraAdapter) -> Result<()> {
+        if self.adapters.iter().any(|a| a.name == ad.name) {
+            bail!(
+                "{} already has a LoRA adapter named `{}`",
+                self.name,
+                ad.name
+            );
+        }
+        let (w, r) = (self.weight.dims(), ad.rank());
+        let want_a = [r, w[1], w[2], w[3]];
+        if ad.a.dims() != want_a || ad.b.dims() != [w[0], r, 1, 1] {
+            bail!(
+                "{}: conv adapter A {:?} / B {:?} does not fit the weight {w:?} (expected A {want_a:?}, B [{}, {r}, 1, 1])",
+                self.name,
+                ad.a.dims(),
+                ad.b.dims(),
+                w[0]
+            );
+        }
+        if ad.magnitude.is_some() {
+            bail!(
+                "{}: DoRA adapters on convolutions are not supported",
+                self.name
+            );
+        }
+        self.adapters.push(ad);
+        Ok(())
+    }
+    fn clear_lora_adapters(&mut self) -> Result<()> {
+        self.adapters.clear();
+        Ok(())
     }
 }
 

@@ -2,11 +2,14 @@
 //! matched together so that every tensor is accounted for once.
 
 use anyhow::Result;
+use candle_core::DType;
 use candle_nn::VarMap;
+use std::collections::HashMap;
 use std::path::Path;
 
 use super::StableDiffusion;
-use crate::lora::{apply, LoraApplied, LoraFile, LoraLoad, LoraModel};
+use crate::lora::io::save_adapters;
+use crate::lora::{apply, LoraApplied, LoraFile, LoraFormat, LoraLoad, LoraModel};
 
 impl StableDiffusion {
     /// Reads a LoRA file and applies it to the UNet and the text encoder (see
@@ -79,6 +82,22 @@ impl StableDiffusion {
             self.text_encoder.set_adapter_scale(name, scale)?;
         }
         Ok(())
+    }
+
+    /// Saves the trainable adapters of the UNet and the text encoder (those it has: LoRA,
+    /// DoRA, LoCon conv adapters) as one file in `format` and `dtype`, with `extra` metadata
+    /// (see [`save_adapters`]). Weight patches of loaded LoHa/LoKr/... files are not trainable
+    /// adapters and are not written.
+    pub fn save_lora(
+        &self,
+        path: impl AsRef<Path>,
+        format: LoraFormat,
+        dtype: DType,
+        extra: &HashMap<String, String>,
+    ) -> Result<()> {
+        let mut layers = self.unet.adapted_layers()?;
+        layers.extend(self.text_encoder.adapted_layers()?);
+        save_adapters(&layers, format, dtype, path, extra)
     }
 
     /// Removes every LoRA adapter and patch from the UNet and the text encoder.

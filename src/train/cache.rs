@@ -33,6 +33,8 @@ pub struct LatentCache {
     /// The embedding of the empty caption `[T, D]`: what caption dropout trains on, and the
     /// unconditional half of classifier-free guidance.
     pub empty: Tensor,
+    /// Per example: its caption (encoded at every step when the text encoder trains).
+    pub captions: Vec<String>,
 }
 
 /// What [`LatentCache::build_cached`] did.
@@ -141,6 +143,7 @@ impl LatentCache {
         let mut latents = Vec::new();
         let mut flipped = Vec::new();
         let mut embeddings = Vec::new();
+        let mut captions = Vec::new();
         let mut by_caption: HashMap<String, Tensor> = HashMap::new();
         // (embedding, whether the text encoder ran)
         let mut text =
@@ -199,6 +202,7 @@ impl LatentCache {
             let (e, ran) = text(&ex.caption, &mut disk)?;
             texts_encoded += ran as usize;
             embeddings.push(e);
+            captions.push(ex.caption.clone());
         }
         stats.texts_encoded = texts_encoded;
         fresh |= texts_encoded > 0;
@@ -217,6 +221,7 @@ impl LatentCache {
                 flipped,
                 embeddings,
                 empty,
+                captions,
             },
             stats,
         ))

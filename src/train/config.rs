@@ -83,6 +83,15 @@ pub struct TrainConfig {
     /// training a model from scratch. Default 0 (LoRA fine-tunes keep the base model's).
     #[serde(default)]
     pub caption_dropout: f64,
+    /// Also train the text encoder's LoRA adapters (kohya's default; diffusers'
+    /// `--train_text_encoder`): captions are then encoded at every step instead of once.
+    /// Default false (the tutorial trains the UNet only).
+    #[serde(default)]
+    pub train_text_encoder: bool,
+    /// The text encoder's learning rate (kohya's `--text_encoder_lr`; it follows the same
+    /// schedule from its own base rate). Default None = `lr`.
+    #[serde(default)]
+    pub text_encoder_lr: Option<f64>,
     pub seed: u64,
 }
 
@@ -105,6 +114,8 @@ impl Default for TrainConfig {
             min_snr_gamma: None,
             noise_offset: 0.0,
             caption_dropout: 0.0,
+            train_text_encoder: false,
+            text_encoder_lr: None,
             seed: 202509,
         }
     }
@@ -118,6 +129,11 @@ impl TrainConfig {
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             anyhow::bail!("learning rate must be a positive number, got {}", self.lr);
+        }
+        if let Some(lr) = self.text_encoder_lr {
+            if !(lr.is_finite() && lr > 0.0) {
+                anyhow::bail!("text encoder learning rate must be a positive number, got {lr}");
+            }
         }
         if !(0.0..1.0).contains(&self.caption_dropout) {
             anyhow::bail!(
@@ -142,19 +158,34 @@ impl TrainConfig {
 
     /// Learning rate at optimizer step `step` (0-based) in epoch `epoch`, `total` steps in all.
     pub fn lr_at(&self, step: usize, epoch: usize, total: usize) -> f64 {
+        self.lr_from(self.lr, step, epoch, total)
+    }
+
+    /// The rate of each parameter group at a step: `[UNet, text encoder]` (the text encoder's
+    /// follows the schedule from its own base rate, like PyTorch param groups).
+    pub fn group_lrs(&self, step: usize, epoch: usize, total: usize) -> [f64; 2] {
+        let te = self.text_encoder_lr.unwrap_or(self.lr);
+        [
+            self.lr_at(step, epoch, total),
+            self.lr_from(te, step, epoch, total),
+        ]
+    }
+
+    /// The schedule from base rate `base`.
+    fn lr_from(&self, base: f64, step: usize, epoch: usize, total: usize) -> f64 {
         if step < self.warmup_steps {
-            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+            return base * (step + 1) as f64 / self.warmup_steps as f64;
         }
         match self.schedule {
-            LrSchedule::Constant => self.lr,
+            LrSchedule::Constant => base,
             LrSchedule::Cosine { floor } => {
                 let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
                 let t = ((step - self.warmup_steps) as f64 / span).min(1.0);
-                floor + (self.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+                floor + (base - floor) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
             }
             LrSchedule::CosineEpoch { eta_min } => {
                 let t = epoch as f64 / self.epochs.max(1) as f64;
-                eta_min + (self.lr - eta_min) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+                eta_min + (base - eta_min) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
             }
         }
     }

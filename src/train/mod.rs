@@ -74,9 +74,28 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// A trainer for the LoRA tensors of `sd.unet` (inject or load LoRA first).
+    /// A trainer for the LoRA tensors of `sd.unet` (inject or load LoRA first), and of
+    /// `sd.text_encoder` when `config.train_text_encoder` (named `text_encoder.<var>`, trained
+    /// at `config.text_encoder_lr`).
     pub fn new(sd: &StableDiffusion, config: TrainConfig) -> Result<Self> {
-        Self::for_vars(config, sd.unet.lora_vars()?)
+        let mut vars = sd.unet.lora_vars()?;
+        let mut groups = vec![0; vars.len()];
+        if config.train_text_encoder {
+            let te = sd.text_encoder.lora_vars()?;
+            if te.is_empty() {
+                bail!(
+                    "train_text_encoder is set but the text encoder has no LoRA adapters: inject them first (sd.text_encoder.inject_lora(&cfg.for_text_encoder(TEXT_INJECTABLE), ..))"
+                );
+            }
+            groups.extend(std::iter::repeat_n(1, te.len()));
+            vars.extend(
+                te.into_iter()
+                    .map(|(n, v)| (format!("text_encoder.{n}"), v)),
+            );
+        }
+        let mut t = Self::for_vars(config, vars)?;
+        t.optimizer.groups = groups;
+        Ok(t)
     }
 
     /// A trainer for an explicit list of tensors, e.g. every UNet weight in full-parameter

@@ -3,7 +3,7 @@
 //! AdamW, schedule, hooks). [`Denoising`] is Stable Diffusion's noise-prediction loss over a
 //! [`LatentCache`]; `sd-lora pretrain-tiny` brings its own for the VAE.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha12Rng;
@@ -36,6 +36,9 @@ pub struct Denoising<'a> {
     pub caption_dropout: f64,
     pub noise_offset: f64,
     pub min_snr_gamma: Option<f64>,
+    /// Encode each batch's captions with the (trainable) text encoder instead of taking the
+    /// cached embeddings.
+    pub train_text_encoder: bool,
 }
 
 impl<'a> Denoising<'a> {
@@ -47,6 +50,7 @@ impl<'a> Denoising<'a> {
             caption_dropout: cfg.caption_dropout,
             noise_offset: cfg.noise_offset,
             min_snr_gamma: cfg.min_snr_gamma,
+            train_text_encoder: cfg.train_text_encoder,
         })
     }
 
@@ -56,6 +60,7 @@ impl<'a> Denoising<'a> {
         let dev = &sd.device;
         let mut z = Vec::new();
         let mut ctx = Vec::new();
+        let mut captions: Vec<&str> = Vec::new();
         for &i in idx {
             let use_flip = !cache.flipped.is_empty() && rng.random_bool(0.5);
             let (m, lv) = if use_flip {
@@ -67,6 +72,13 @@ impl<'a> Denoising<'a> {
             z.push((m + (lv.affine(0.5, 0.0)?.exp()? * eps)?)?);
             // drawn only when enabled, so runs without dropout keep their random stream
             let drop = self.caption_dropout > 0.0 && rng.random_bool(self.caption_dropout.min(1.0));
+            if self.train_text_encoder {
+                let c = cache.captions.get(i).with_context(|| {
+                    format!("the text encoder trains but the latent cache has no caption for example {i}")
+                })?;
+                captions.push(if drop { "" } else { c.as_str() });
+                continue;
+            }
             let c = if drop {
                 &cache.empty
             } else {
@@ -75,7 +87,11 @@ impl<'a> Denoising<'a> {
             ctx.push(c.clone());
         }
         let x0 = sd.vae.scale_latents(&Tensor::stack(&z, 0)?)?;
-        let ctx = Tensor::stack(&ctx, 0)?;
+        let ctx = if self.train_text_encoder {
+            sd.encode_prompts(&captions)?
+        } else {
+            Tensor::stack(&ctx, 0)?
+        };
         let b = idx.len();
         let mut noise = randn_from(rng, x0.dims(), dev)?;
         if self.noise_offset != 0.0 {

@@ -7,6 +7,8 @@ use candle_core::{Tensor, Var};
 #[derive(Debug, Clone)]
 pub struct AdamW {
     pub vars: Vec<(String, Var)>,
+    /// Parameter group of each var (0 = UNet, 1 = text encoder): which learning rate it gets.
+    pub groups: Vec<usize>,
     /// First and second moments, one pair per var.
     pub m: Vec<Tensor>,
     pub v: Vec<Tensor>,
@@ -33,6 +35,7 @@ impl AdamW {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let v = m.clone();
         Ok(Self {
+            groups: vec![0; vars.len()],
             vars,
             m,
             v,
@@ -43,8 +46,20 @@ impl AdamW {
         })
     }
 
-    /// One update with `grads[i]` for `vars[i]` at learning rate `lr`.
+    /// One update with `grads[i]` for `vars[i]` at learning rate `lr` (every group).
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        let n = self.groups.iter().max().map_or(1, |g| g + 1);
+        self.step_groups(grads, &vec![lr; n])
+    }
+
+    /// One update, var `i` at rate `lrs[groups[i]]`.
+    pub fn step_groups(&mut self, grads: &[Tensor], lrs: &[f64]) -> Result<()> {
+        if let Some(g) = self.groups.iter().find(|g| **g >= lrs.len()) {
+            bail!(
+                "no learning rate for parameter group {g} ({} given)",
+                lrs.len()
+            );
+        }
         if grads.len() != self.vars.len() {
             bail!(
                 "{} gradients for {} parameters",
@@ -57,6 +72,7 @@ impl AdamW {
         let c1 = 1.0 - b1.powi(self.t as i32);
         let c2 = 1.0 - b2.powi(self.t as i32);
         for (i, g) in grads.iter().enumerate() {
+            let lr = lrs[self.groups[i]];
             let p = &self.vars[i].1;
             // detached: gradients of a graph with trainable inputs are themselves tracked, and
             // moments built from them would keep every step's graph (all activations) alive

@@ -67,7 +67,8 @@ impl Trainer {
         total: usize,
     ) -> Result<StepRecord> {
         let started = Instant::now();
-        let lr = self.config.lr_at(self.step, self.epoch, total);
+        let lrs = self.config.group_lrs(self.step, self.epoch, total);
+        let lr = lrs[0];
         let mut sum: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0;
         let mut rng = self.rng.clone();
@@ -109,7 +110,7 @@ impl Trainer {
                     .collect::<candle_core::Result<_>>()?;
             }
         }
-        self.optimizer.step(&grads, lr)?;
+        self.optimizer.step_groups(&grads, &lrs)?;
         self.step += 1;
         self.group_pos += 1;
         let rec = StepRecord {

@@ -354,29 +354,25 @@ impl LoraModel for UNet2DConditionModel {
 }
 
 impl UNet2DConditionModel {
-    /// Every convolution (`conv_in`, the resnets', down/upsamplers', `conv_out`).
+    /// Every convolution in module order: `conv_in`, each block's resnets' then its sampler's,
+    /// the mid block's, `conv_out` (the order of [`Self::convs_mut`]).
     pub fn convs(&self) -> Vec<&Conv2d> {
-        let mut out = vec![&self.conv_in];
-        let resnets = self
-            .down_blocks
-            .iter()
-            .flat_map(|b| b.resnets.iter())
-            .chain(self.mid_block.resnets.iter())
-            .chain(self.up_blocks.iter().flat_map(|b| b.resnets.iter()));
-        for r in resnets {
-            out.extend([&r.conv1, &r.conv2]);
-            out.extend(r.conv_shortcut.as_ref());
+        fn resnet_convs<'a>(out: &mut Vec<&'a Conv2d>, rs: &'a [nn_resnet::ResnetBlock2D]) {
+            for r in rs {
+                out.extend([&r.conv1, &r.conv2]);
+                out.extend(r.conv_shortcut.as_ref());
+            }
         }
-        out.extend(
-            self.down_blocks
-                .iter()
-                .filter_map(|b| b.downsampler.as_ref().map(|d| &d.conv)),
-        );
-        out.extend(
-            self.up_blocks
-                .iter()
-                .filter_map(|b| b.upsampler.as_ref().map(|u| &u.conv)),
-        );
+        let mut out = vec![&self.conv_in];
+        for b in &self.down_blocks {
+            resnet_convs(&mut out, &b.resnets);
+            out.extend(b.downsampler.as_ref().map(|d| &d.conv));
+        }
+        resnet_convs(&mut out, &self.mid_block.resnets);
+        for b in &self.up_blocks {
+            resnet_convs(&mut out, &b.resnets);
+            out.extend(b.upsampler.as_ref().map(|u| &u.conv));
+        }
         out.push(&self.conv_out);
         out
     }

@@ -75,3 +75,75 @@ with torch.no_grad():
 err = (dora["lycoris"] - dora["diffusers"]).abs().max().item()
 save_file(dora, os.path.join(DATA, "ours", "dora_output.safetensors"))
 print(f"LyCORIS loaded our kohya DoRA file, diffusers our PEFT one; they agree to {err:.2e}")
+
+# LoCon (linear + conv adapters): kohya layout -> LyCORIS' loader, PEFT layout -> diffusers
+locon = {}
+unet = UNet2DConditionModel.from_pretrained(os.path.join(DATA, "unet_a", "unet")).eval()
+path = os.path.join(DATA, "ours", "locon_kohya.safetensors")
+net, weights = create_network_from_weights(1.0, path, None, None, unet, for_inference=True)
+net.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
+missing, unexpected = net.load_state_dict(weights, strict=False)
+assert not unexpected, f"LyCORIS: unexpected keys {unexpected[:5]}"
+assert not [k for k in missing if "scalar" not in k], f"LyCORIS: missing keys {missing[:5]}"
+n_file = len([k for k in weights if k.endswith("lora_down.weight")])
+n_conv = len([k for k in weights if k.endswith("lora_down.weight") and weights[k].dim() == 4
+              and weights[k].shape[-1] == 3])
+assert len(net.unet_loras) == n_file, f"LyCORIS: {len(net.unet_loras)} modules, {n_file} in the file"
+with torch.no_grad():
+    locon["lycoris"] = unet(inp["sample"], inp["timestep"], inp["encoder_hidden_states"]).sample.contiguous()
+unet = UNet2DConditionModel.from_pretrained(os.path.join(DATA, "unet_a", "unet")).eval()
+path = os.path.join(DATA, "ours", "locon_peft.safetensors")
+res = StableDiffusionLoraLoaderMixin.lora_state_dict(path, return_lora_metadata=True)
+unet.load_lora_adapter(res[0], prefix="unet", metadata=res[-1])
+n_loaded = len([n for n, _ in unet.named_parameters() if "lora_A" in n])
+n_file = len([k for k in load_file(path) if k.endswith("lora_A.weight")])
+assert n_loaded == n_file, f"diffusers: {n_loaded} LoRA layers loaded, {n_file} in the file"
+with torch.no_grad():
+    locon["diffusers"] = unet(inp["sample"], inp["timestep"], inp["encoder_hidden_states"]).sample.contiguous()
+err = (locon["lycoris"] - locon["diffusers"]).abs().max().item()
+save_file(locon, os.path.join(DATA, "ours", "locon_output.safetensors"))
+print(f"LoCon: LyCORIS loaded our kohya file ({n_file} modules, {n_conv} 3x3 conv), diffusers our PEFT "
+      f"one; they agree to {err:.2e}")
+
+# text encoder + UNet: diffusers' pipeline `load_lora_weights`, both layouts, the same images
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+from diffusers import StableDiffusionPipeline  # noqa: E402
+from transformers import CLIPTokenizer  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_golden_pipeline as mgp  # noqa: E402
+
+root = os.path.join(DATA, "tiny_pipeline")
+tmp = tempfile.mkdtemp()
+mgp.write_tokenizer(os.path.join(tmp, "tokenizer"))
+tok = CLIPTokenizer.from_pretrained(os.path.join(tmp, "tokenizer"), model_max_length=77)
+ref = load_file(os.path.join(root, "reference.safetensors"))
+kw = dict(prompt=mgp.PROMPTS[4], negative_prompt="blurry, low quality", num_inference_steps=6, guidance_scale=5.0,
+          height=32, width=32, num_images_per_prompt=2, latents=ref["pipe.latents"].clone(), output_type="np")
+images = {}
+for fmt, first in (("kohya", "lora_down.weight"), ("peft", "lora_A.weight")):
+    pipe = StableDiffusionPipeline.from_pretrained(root, variant="fp16", torch_dtype=torch.float32, tokenizer=tok,
+                                                   safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    path = os.path.join(DATA, "ours", f"te_unet_{fmt}.safetensors")
+    pipe.load_lora_weights(path)
+    keys = [k for k in load_file(path) if k.endswith(first)]
+    te_file = len([k for k in keys if k.startswith(("lora_te_", "text_encoder."))])
+    unet_file = len(keys) - te_file
+    te_loaded = len([n for n, _ in pipe.text_encoder.named_parameters() if "lora_A" in n])
+    unet_loaded = len([n for n, _ in pipe.unet.named_parameters() if "lora_A" in n])
+    assert (te_loaded, unet_loaded) == (te_file, unet_file), \
+        f"{fmt}: loaded TE {te_loaded} / UNet {unet_loaded}, file TE {te_file} / UNet {unet_file}"
+    with torch.no_grad():
+        images[fmt] = torch.from_numpy(pipe(**kw).images).contiguous()
+    print(f"te+unet {fmt}: diffusers loaded {te_loaded} text-encoder and {unet_loaded} UNet layers "
+          f"(all of the file's)")
+shutil.rmtree(tmp)
+err = (images["kohya"] - images["peft"]).abs().max().item()
+assert err < 1e-4, f"the two layouts disagree in diffusers: {err}"
+save_file(images, os.path.join(DATA, "ours", "te_unet_images.safetensors"))
+print(f"te+unet: kohya and PEFT images agree to {err:.2e}; "
+      f"LoRA effect mean {(images['kohya'] - ref['pipe.image']).abs().mean():.4f}")
