@@ -11,8 +11,9 @@ use std::time::Instant;
 
 use super::args::{count, ModelArgs};
 use crate::device::peak_rss_mib;
-use crate::lora::{LoraConfig, LoraModel};
+use crate::lora::{LoraConfig, LoraModel, TEXT_INJECTABLE};
 use crate::pipeline::{GenerateConfig, StableDiffusion};
+use crate::text::{ClipTextConfig, ClipTextModel};
 use crate::train::{Objective, TrainConfig, Trainer};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 
@@ -56,6 +57,14 @@ pub struct BenchArgs {
     /// `train`: DoRA adapters instead of plain LoRA (`sd-lora train --network dora`).
     #[arg(long)]
     pub dora: bool,
+    /// `train`: LoCon, conv adapters of this rank (alpha 2 x rank) on the resnets' and
+    /// samplers' convolutions next to the q/k/v ones (`sd-lora train --network locon`).
+    #[arg(long, value_parser = count)]
+    pub conv_rank: Option<usize>,
+    /// `train`: also train LoRA on a random text encoder of the model's size (`tiny` or SD
+    /// 1.5's CLIP), run on 77 fixed token ids each step (`sd-lora train --train-text-encoder`).
+    #[arg(long)]
+    pub train_text_encoder: bool,
     /// Attention score bytes materialised at once, MiB (default 4 on the CPU, 256 on GPUs;
     /// larger layers run in query chunks). A huge value keeps every score matrix whole.
     #[arg(long, value_parser = count)]
@@ -78,9 +87,11 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         dtype,
         variant: a.model.variant.clone(),
         dora: a.dora,
+        conv_rank: a.conv_rank,
+        train_text_encoder: a.train_text_encoder,
     };
-    if a.dora && a.what != BenchKind::Train {
-        bail!("--dora is for `bench train`");
+    if (a.dora || a.conv_rank.is_some() || a.train_text_encoder) && a.what != BenchKind::Train {
+        bail!("--dora, --conv-rank and --train-text-encoder are for `bench train`");
     }
     match (a.what, &a.lora) {
         (BenchKind::Train, None) => bench_train(&cfg),
@@ -112,6 +123,10 @@ pub struct BenchConfig {
     pub variant: Option<String>,
     /// `train`: DoRA adapters (a magnitude per output row) instead of plain LoRA. Default false.
     pub dora: bool,
+    /// `train`: LoCon conv adapters of this rank. Default None.
+    pub conv_rank: Option<usize>,
+    /// `train`: also train a text-encoder LoRA. Default false.
+    pub train_text_encoder: bool,
 }
 
 impl Default for BenchConfig {
@@ -126,6 +141,8 @@ impl Default for BenchConfig {
             dtype: DType::F32,
             variant: None,
             dora: false,
+            conv_rank: None,
+            train_text_encoder: false,
         }
     }
 }
@@ -226,9 +243,11 @@ fn timed(cfg: &BenchConfig, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f
     Ok((t[t.len() / 2], t[0], t[t.len() - 1]))
 }
 
-/// The benchmark's loss: fixed random latents, text states, noise and timesteps.
+/// The benchmark's loss: fixed random latents, text states (or token ids through a trainable
+/// text encoder), noise and timesteps.
 struct FixedBatch<'a> {
     unet: &'a UNet2DConditionModel,
+    text_encoder: Option<(&'a ClipTextModel, Tensor)>,
     x: Tensor,
     e: Tensor,
     noise: Tensor,
@@ -241,17 +260,30 @@ impl Objective for FixedBatch<'_> {
     }
 
     fn loss(&self, _: &[usize], _: &mut ChaCha12Rng) -> Result<Tensor> {
+        let e = match &self.text_encoder {
+            Some((te, ids)) => te.forward(ids)?.last_hidden_state,
+            None => self.e.clone(),
+        };
         let pred = self
             .unet
-            .forward(&self.x, &self.t, &self.e)?
+            .forward(&self.x, &self.t, &e)?
             .to_dtype(DType::F32)?;
         Ok((pred - &self.noise)?.sqr()?.mean_all()?)
     }
 }
 
-/// LoRA rank 16 / alpha 32 on q,k,v (the tutorial's); one optimizer step of the training
-/// engine (gradient clipping at 1, AdamW lr 1e-4, weight decay 1e-2); 77 text tokens; uniform
-/// random timesteps.
+/// The random text encoder of `model`'s size: the tiny one for `tiny`, SD 1.5's otherwise.
+fn bench_text_encoder(model: &str, dt: DType, dev: &Device) -> Result<ClipTextModel> {
+    let tcfg = match crate::io::ModelName::parse(model)? {
+        crate::io::ModelName::Tiny => ClipTextConfig::tiny(),
+        _ => ClipTextConfig::sd_v1_5(),
+    };
+    ClipTextModel::new(&tcfg, &crate::weights::WeightSource::random(3, dt, dev))
+}
+
+/// LoRA rank 16 / alpha 32 on q,k,v (the tutorial's; DoRA, LoCon conv adapters and a
+/// text-encoder LoRA on request); one optimizer step of the training engine (gradient
+/// clipping at 1, AdamW lr 1e-4, weight decay 1e-2); 77 text tokens; uniform random timesteps.
 pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
     let (dev, dt) = (&cfg.device, cfg.dtype);
     if let Some(v) = &cfg.variant {
@@ -259,20 +291,41 @@ pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
     }
     let ucfg = UNetConfig::for_model(&cfg.model)?;
     let mut unet = UNet2DConditionModel::random(&ucfg, 0, dt, dev)?;
-    let summary = unet.inject_lora(
-        &LoraConfig::new(16, 32.0).with_dora(cfg.dora),
-        &VarMap::new(),
-    )?;
+    let mut lora = LoraConfig::new(16, 32.0).with_dora(cfg.dora);
+    if let Some(r) = cfg.conv_rank {
+        lora = lora.with_conv(r, None);
+    }
+    let summary = unet.inject_lora(&lora, &VarMap::new())?;
+    let (mut trainable, mut total) = (summary.trainable_params, summary.total_params);
     let tcfg = TrainConfig {
         lr: 1e-4,
         schedule: crate::train::LrSchedule::Constant,
+        train_text_encoder: cfg.train_text_encoder,
         ..Default::default()
     };
-    let mut trainer = Trainer::for_vars(tcfg, unet.lora_vars()?)?;
+    let mut vars = unet.lora_vars()?;
+    let mut groups = vec![0; vars.len()];
+    let te = if cfg.train_text_encoder {
+        let mut te = bench_text_encoder(&cfg.model, dt, dev)?;
+        let s = te.inject_lora(&lora.for_text_encoder(TEXT_INJECTABLE), &VarMap::new())?;
+        (trainable, total) = (trainable + s.trainable_params, total + s.total_params);
+        let te_vars = te.lora_vars()?;
+        groups.extend(std::iter::repeat_n(1, te_vars.len()));
+        vars.extend(te_vars);
+        Some(te)
+    } else {
+        None
+    };
+    let mut trainer = Trainer::for_vars(tcfg, vars)?;
+    trainer.optimizer.groups = groups;
     let ctx = ucfg.cross_dims()?[0];
     let (b, l) = (cfg.batch, cfg.latent);
+    let ids = Tensor::rand(0f32, 49_000.0, (b, 77), dev)?
+        .floor()?
+        .to_dtype(DType::U32)?;
     let objective = FixedBatch {
         unet: &unet,
+        text_encoder: te.as_ref().map(|te| (te, ids)),
         x: Tensor::randn(0f32, 1.0, (b, 4, l, l), dev)?.to_dtype(dt)?,
         e: Tensor::randn(0f32, 1.0, (b, 77, ctx), dev)?.to_dtype(dt)?,
         noise: Tensor::randn(0f32, 1.0, (b, 4, l, l), dev)?,
@@ -283,12 +336,22 @@ pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
         trainer.optimizer_step(&objective, &group, usize::MAX)?;
         crate::device::synchronize(dev)
     })?;
+    let mut kind = String::from("train");
+    if cfg.dora {
+        kind.push_str("-dora");
+    }
+    if cfg.conv_rank.is_some() {
+        kind.push_str("-locon");
+    }
+    if cfg.train_text_encoder {
+        kind.push_str("+te");
+    }
     Ok(BenchReport::new(
-        if cfg.dora { "train-dora" } else { "train" },
+        &kind,
         cfg,
         (median_s, min_s, max_s),
-        summary.trainable_params,
-        summary.total_params,
+        trainable,
+        total,
     ))
 }
 

@@ -433,6 +433,15 @@ fn write_outputs(
         fig.save(out.join("loss.svg"))?;
         fig.save(out.join("loss.png"))?;
     }
+    let convs = sd
+        .unet
+        .adapted_layers()?
+        .iter()
+        .filter(|l| l.adapter.is_conv())
+        .count();
+    if convs > 0 {
+        eprintln!("note: anatomy.svg and spectrum.svg show the linear adapters; the {convs} conv adapters are not drawn");
+    }
     let anatomy = crate::plot::LoraAnatomy::of(&sd.unet)?;
     anatomy.heatmap()?.save(out.join("anatomy.svg"))?;
     anatomy
