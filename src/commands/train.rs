@@ -359,6 +359,9 @@ fn build_cache(
         },
         stats.texts_encoded
     );
+    if opts.train.train_text_encoder {
+        eprintln!("the text encoder trains: captions are encoded at every step (the cached embeddings are not used)");
+    }
     Ok(cache)
 }
 
