@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Shape, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -22,10 +23,30 @@ pub enum Init {
     Zeros,
 }
 
+/// Where a tensor lives in a checkpoint of another layout (an LDM single file): its key there,
+/// and optionally a block of rows of it (`(start, len)` along dimension 0: OpenCLIP stores
+/// q, k and v as one `in_proj_weight`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Remap {
+    pub key: String,
+    pub rows: Option<(usize, usize)>,
+}
+
+impl Remap {
+    pub fn key(key: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            rows: None,
+        }
+    }
+}
+
 enum Backend {
     Files {
         st: MmapedSafetensors,
         files: Vec<PathBuf>,
+        /// Our checkpoint key -> where the file keeps it (None: the file uses our keys).
+        remap: Option<HashMap<String, Remap>>,
     },
     Random {
         rng: Box<RefCell<rand::rngs::StdRng>>,
@@ -108,10 +129,26 @@ impl WeightSource {
             Backend::Files {
                 st,
                 files: files.to_vec(),
+                remap: None,
             },
             dtype,
             device,
         ))
+    }
+
+    /// [`Self::from_safetensors`] for a file in another layout: our key `k` is read from
+    /// `remap[k]` (a key not in `remap` is missing).
+    pub fn from_safetensors_remapped(
+        file: &Path,
+        remap: HashMap<String, Remap>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut ws = Self::from_safetensors(&[file.to_path_buf()], dtype, device)?;
+        if let Some(Backend::Files { remap: r, .. }) = Rc::get_mut(&mut ws.backend) {
+            *r = Some(remap);
+        }
+        Ok(ws)
     }
 
     /// Seeded random weights with PyTorch-like initialisation (for tests, benches, pre-training).
@@ -159,6 +196,11 @@ impl WeightSource {
     /// Whether the checkpoint holds `name` under this prefix (always true for random/meta).
     pub fn contains(&self, name: &str) -> bool {
         match &*self.backend {
+            Backend::Files {
+                st, remap: Some(r), ..
+            } => r
+                .get(&self.path_of(name))
+                .is_some_and(|m| st.get(&m.key).is_ok()),
             Backend::Files { st, .. } => st.get(&self.path_of(name)).is_ok(),
             _ => true,
         }
@@ -184,13 +226,42 @@ impl WeightSource {
         let shape: Shape = shape.into();
         let path = self.path_of(name);
         let t = match &*self.backend {
-            Backend::Files { st, files } => {
-                let t = st.load(&path, &Device::Cpu).map_err(|_| {
+            Backend::Files { st, files, remap } => {
+                let (key, rows) = match remap {
+                    Some(r) => {
+                        let m = r.get(&path).with_context(|| {
+                            format!(
+                                "tensor `{path}` (expected shape {shape:?}) has no counterpart in {}",
+                                list(files)
+                            )
+                        })?;
+                        (m.key.as_str(), m.rows)
+                    }
+                    None => (path.as_str(), None),
+                };
+                let t = st.load(key, &Device::Cpu).map_err(|_| {
+                    let theirs = if key == path {
+                        String::new()
+                    } else {
+                        format!(" (stored as `{key}`)")
+                    };
                     anyhow::anyhow!(
-                        "tensor `{path}` (expected shape {shape:?}) is missing from {}",
+                        "tensor `{path}`{theirs} (expected shape {shape:?}) is missing from {}",
                         list(files)
                     )
                 })?;
+                let t = match rows {
+                    Some((start, len)) if start + len <= t.dim(0).unwrap_or(0) => {
+                        t.narrow(0, start, len)?
+                    }
+                    Some((start, len)) => bail!(
+                        "tensor `{key}` in {} has shape {:?}: rows {start}..{} do not exist",
+                        list(files),
+                        t.dims(),
+                        start + len
+                    ),
+                    None => t,
+                };
                 if !t.dtype().is_float() {
                     bail!(
                         "tensor `{path}` in {} has dtype {:?}, expected a float type",

@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device};
+use std::path::PathBuf;
 
 pub use crate::device::{ComputeDType, DeviceSpec};
 
@@ -11,7 +12,8 @@ pub use crate::device::{ComputeDType, DeviceSpec};
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
     /// `sd15` (Stable Diffusion 1.5 from the Hugging Face cache), `tiny` (the embedded model),
-    /// a diffusers folder, or a Hugging Face repo id (owner/name).
+    /// a diffusers folder, a Hugging Face repo id (owner/name), or a single-file checkpoint
+    /// (`.safetensors` in the A1111/LDM layout, SD 1.x or 2.x).
     #[arg(long, default_value = "sd15")]
     pub model: String,
     /// Weights variant, e.g. `fp16` reads `*.fp16.safetensors`.
@@ -25,9 +27,33 @@ pub struct ModelArgs {
     /// one).
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
+    /// Single-file --model: a diffusers folder or Hub id whose configs, tokenizer and
+    /// scheduler to use [default: inferred from the file's shapes, built-in tokenizer].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Another VAE: a diffusers folder or a .safetensors file (LDM or diffusers keys).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// What the UNet predicts (weights cannot tell) [default: the config's; single SD 2.x
+    /// files without --config: v_prediction].
+    #[arg(long, value_parser = ["epsilon", "v_prediction"])]
+    pub prediction_type: Option<String>,
+    /// Single-file --model: read the UNet from the file's EMA copy (`model_ema.*`).
+    #[arg(long)]
+    pub use_ema: bool,
 }
 
 impl ModelArgs {
+    /// The single-file / VAE / prediction-type options these flags give.
+    pub fn single_file(&self) -> crate::pipeline::single_file::SingleFileOptions {
+        crate::pipeline::single_file::SingleFileOptions {
+            config: self.config.clone(),
+            vae: self.vae.clone(),
+            prediction_type: self.prediction_type.clone(),
+            use_ema: self.use_ema,
+        }
+    }
+
     /// Opens the device and settles the dtype (bf16 is refused on the CPU).
     pub fn resolve(&self) -> Result<(Device, DType)> {
         let device = self.device.open()?;
@@ -43,6 +69,10 @@ impl Default for ModelArgs {
             variant: None,
             dtype: ComputeDType::Auto,
             device: DeviceSpec::Auto,
+            config: None,
+            vae: None,
+            prediction_type: None,
+            use_ema: false,
         }
     }
 }

@@ -133,6 +133,7 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<PathBuf>> {
         dtype,
         device,
         cache_dir: None,
+        single_file: a.model.single_file(),
     })?;
     for (i, path) in a.lora.iter().enumerate() {
         let file = LoraFile::open(path)?;

@@ -160,6 +160,8 @@ fn caption_source(s: &str) -> Result<CaptionSource, std::convert::Infallible> {
 pub struct TrainOptions {
     pub model: String,
     pub variant: Option<String>,
+    /// Single-file checkpoints, another VAE, the prediction type.
+    pub single_file: crate::pipeline::single_file::SingleFileOptions,
     /// Where to train, and the dtype of the frozen weights (LoRA and optimizer state are f32).
     pub device: Device,
     pub dtype: DType,
@@ -214,6 +216,7 @@ impl TrainArgs {
         Ok(TrainOptions {
             model: self.model.model.clone(),
             variant: self.model.variant.clone(),
+            single_file: self.model.single_file(),
             device,
             dtype,
             data: self.data.clone(),
@@ -277,6 +280,7 @@ pub fn train(opts: &TrainOptions) -> Result<String> {
         dtype: opts.dtype,
         device: opts.device.clone(),
         cache_dir: None,
+        single_file: opts.single_file.clone(),
     })?;
     eprintln!("{}", sd.unet.inject_lora(&opts.lora, &VarMap::new())?);
     if let Some(te) = &opts.text_encoder_lora {

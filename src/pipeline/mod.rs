@@ -2,8 +2,10 @@
 //! together, text-to-image generation with classifier-free guidance, and LoRA on/off without
 //! reloading anything.
 
+pub mod checkpoint_file;
 pub mod generate;
 pub mod lora;
+pub mod single_file;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -29,6 +31,9 @@ pub struct LoadOptions {
     pub device: Device,
     /// Hub cache folder; default `HF_HOME` / `~/.cache/huggingface/hub`.
     pub cache_dir: Option<PathBuf>,
+    /// Single-file checkpoints (`source` a `.safetensors` file): configs, EMA; and for any
+    /// source: another VAE, the prediction type. Default: none of them.
+    pub single_file: single_file::SingleFileOptions,
 }
 
 impl Default for LoadOptions {
@@ -39,6 +44,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             cache_dir: None,
+            single_file: Default::default(),
         }
     }
 }
@@ -66,10 +72,53 @@ impl StableDiffusion {
         })
     }
 
+    /// Loads a diffusers folder, a Hub id or a single-file checkpoint (a `.safetensors` file
+    /// in the LDM layout; what it held and what was set aside is printed to stderr), with the
+    /// options' VAE and prediction type.
     pub fn load_with(opts: &LoadOptions) -> Result<Self> {
         let variant = opts.variant.as_deref();
+        let sf = &opts.single_file;
+        let file = Path::new(&opts.source);
+        if file.is_file() {
+            if variant.is_some() {
+                anyhow::bail!(
+                    "--variant is for diffusers folders, not single files like {}",
+                    file.display()
+                );
+            }
+            let sf = single_file::SingleFileOptions {
+                config: match &sf.config {
+                    Some(c) => Some(resolve_model(
+                        &c.to_string_lossy(),
+                        None,
+                        opts.cache_dir.as_deref(),
+                    )?),
+                    None => None,
+                },
+                ..sf.clone()
+            };
+            let (sd, report) = Self::from_single_file(file, &sf, opts.dtype, &opts.device)?;
+            eprintln!("{report}");
+            return Ok(sd);
+        }
+        if sf.config.is_some() || sf.use_ema {
+            anyhow::bail!(
+                "--config and --use-ema are for single-file checkpoints; {} is a folder or Hub id",
+                opts.source
+            );
+        }
         let root = resolve_model(&opts.source, variant, opts.cache_dir.as_deref())?;
-        Self::from_folder(&root, variant, opts.dtype, &opts.device)
+        let mut sd = Self::from_folder(&root, variant, opts.dtype, &opts.device)?;
+        if let Some(v) = &sf.vae {
+            sd.vae = single_file::load_vae(v, &sd.vae.config, opts.dtype, &opts.device)?;
+        }
+        if let Some(p) = &sf.prediction_type {
+            if !matches!(p.as_str(), "epsilon" | "v_prediction") {
+                anyhow::bail!("prediction type `{p}`: expected epsilon or v_prediction");
+            }
+            sd.scheduler_config.prediction_type = p.clone();
+        }
+        Ok(sd)
     }
 
     /// Loads every component from a diffusers pipeline folder. On the CPU this also settles

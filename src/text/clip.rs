@@ -22,7 +22,7 @@ fn d_eos() -> u32 {
 }
 
 /// `text_encoder/config.json` (a `CLIPTextConfig`, or a `CLIPConfig` with `text_config`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
 pub struct ClipTextConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,

@@ -1,6 +1,7 @@
 //! Text side of Stable Diffusion: the CLIP tokenizer and text encoder.
 
 pub mod clip;
+pub mod ldm_names;
 pub mod tokenizer;
 
 pub use clip::{ClipTextConfig, ClipTextModel};

@@ -203,6 +203,15 @@ impl ClipTokenizer {
         })
     }
 
+    /// Pads with `token` instead (SD 2.x's tokenizer pads with `!`).
+    pub fn with_pad_token(mut self, token: &str) -> Result<Self> {
+        self.pad_id = self
+            .tokenizer
+            .token_to_id(token)
+            .with_context(|| format!("the tokenizer has no token `{token}` to pad with"))?;
+        Ok(self)
+    }
+
     /// Ids of one prompt: BOS, at most `max_length - 2` tokens, EOS, then padding to
     /// `max_length` (transformers' `padding="max_length", truncation=True`).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {

@@ -137,6 +137,23 @@ pub fn ldm_aliases(unet: &UNet2DConditionModel, modules: &[String]) -> Vec<(Stri
         .collect()
 }
 
+/// The LDM name (without `model.diffusion_model.`) of each of our checkpoint keys (`.weight`
+/// and `.bias` included), as diffusers' `convert_ldm_unet_checkpoint` pairs them; fails naming
+/// a key without one.
+pub fn ldm_keys(
+    unet: &UNet2DConditionModel,
+    keys: &[String],
+) -> anyhow::Result<Vec<(String, String)>> {
+    let prefixes = block_prefixes(unet);
+    keys.iter()
+        .map(|k| {
+            to_ldm(k, &prefixes)
+                .map(|l| (k.clone(), l))
+                .ok_or_else(|| anyhow::anyhow!("UNet tensor `{k}` has no LDM name"))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

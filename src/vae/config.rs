@@ -28,7 +28,7 @@ fn d_silu() -> String {
 
 /// Field names as in diffusers. `scaling_factor` (SD 1.x: 0.18215) multiplies latents before
 /// the UNet sees them.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
 pub struct VaeConfig {
     #[serde(default = "d3")]
     pub in_channels: usize,

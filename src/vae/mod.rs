@@ -4,6 +4,7 @@
 
 pub mod blocks;
 pub mod config;
+pub mod ldm_names;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};

@@ -1,0 +1,525 @@
+//! Single-file checkpoints (A1111/CompVis LDM layout: `model.diffusion_model.*`,
+//! `first_stage_model.*`, `cond_stage_model.*`), as anime and style bases are shared: the
+//! architecture inferred from tensor shapes for SD 1.x and 2.x (or given with a diffusers
+//! `config` folder), every tensor read through its LDM name, EMA and non-model keys set aside
+//! and counted, a VAE swap. No network: the tokenizer and scheduler are built in.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::checkpoint_file::{detect_family, CheckpointHeader, Family};
+use super::StableDiffusion;
+use crate::scheduler::SchedulerConfig;
+use crate::text::ldm_names::{clip_ldm_key, ClipLayout};
+use crate::text::{ClipTextConfig, ClipTextModel, ClipTokenizer};
+use crate::unet::config::PerBlock;
+use crate::unet::{ldm_names::ldm_keys, UNet2DConditionModel, UNetConfig};
+use crate::vae::{ldm_names::vae_ldm_key, AutoencoderKL, VaeConfig};
+use crate::weights::{Remap, WeightSource};
+
+const UNET: &str = "model.diffusion_model.";
+const VAE: &str = "first_stage_model.";
+
+/// How to read a single file. `Default`: infer everything, no EMA, the file's own VAE.
+#[derive(Debug, Clone, Default)]
+pub struct SingleFileOptions {
+    /// A diffusers folder whose configs, tokenizer and scheduler are used instead of the
+    /// inferred ones (weights still come from the file).
+    pub config: Option<PathBuf>,
+    /// Another VAE: a diffusers folder, or a `.safetensors` file (LDM keys with or without
+    /// `first_stage_model.`, or diffusers keys).
+    pub vae: Option<PathBuf>,
+    /// `epsilon` or `v_prediction` (cannot be read from weights). Default: the config's, else
+    /// epsilon for SD 1.x and v_prediction for SD 2.x.
+    pub prediction_type: Option<String>,
+    /// Read the UNet from the file's `model_ema.*` copy.
+    pub use_ema: bool,
+}
+
+/// What was read from the file and what was set aside.
+#[derive(Debug, Clone)]
+pub struct SingleFileReport {
+    pub path: PathBuf,
+    pub family: Family,
+    /// The configs came from a `config` folder (else inferred from shapes).
+    pub config_given: bool,
+    pub dtype: String,
+    pub tensors_used: usize,
+    /// Set aside by design: `model_ema.*` (unless used), LDM schedule buffers, `position_ids`.
+    pub ignored: usize,
+    /// Other tensors nothing read (named, first ten).
+    pub unused: Vec<String>,
+    pub unused_count: usize,
+    pub prediction_type: String,
+}
+
+impl std::fmt::Display for SingleFileReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} single file ({}), configs {}, {} tensors used, {} set aside (EMA, schedule buffers, position_ids), prediction {}",
+            self.path.display(),
+            self.family,
+            self.dtype,
+            if self.config_given { "given" } else { "inferred from shapes" },
+            self.tensors_used,
+            self.ignored,
+            self.prediction_type
+        )?;
+        if self.unused_count > 0 {
+            write!(
+                f,
+                "\nwarning: {} tensors of the file are not used: {}{}",
+                self.unused_count,
+                self.unused.join(", "),
+                if self.unused_count > self.unused.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The UNet config SD 1.x/2.x files imply (SD's 32 norm groups; heads: 8 for SD 1.x, 64-dim
+/// for SD 2.x). Errors name what is missing.
+pub fn infer_unet_config(h: &CheckpointHeader, family: Family) -> Result<UNetConfig> {
+    let shape = |k: &str| -> Result<&[usize]> {
+        h.shape(&format!("{UNET}{k}"))
+            .with_context(|| format!("{}: no tensor `{UNET}{k}`", h.path.display()))
+    };
+    let conv_in = shape("input_blocks.0.0.weight")?;
+    let (mc, in_channels) = (conv_in[0], conv_in[1]);
+    let mut levels: Vec<(usize, bool, usize)> = Vec::new(); // (channels, attention, depth)
+    let mut layers = Vec::new();
+    let (mut i, mut in_level) = (1, 0);
+    loop {
+        let b = format!("{UNET}input_blocks.{i}");
+        if h.has(&format!("{b}.0.op.weight")) {
+            layers.push(in_level);
+            in_level = 0;
+        } else if let Some(s) = h.shape(&format!("{b}.0.in_layers.2.weight")) {
+            let depth = h.count(&format!("{b}.1.transformer_blocks."), ".attn1.to_q.weight");
+            if in_level == 0 {
+                levels.push((s[0], depth > 0, depth));
+            }
+            in_level += 1;
+        } else {
+            layers.push(in_level);
+            break;
+        }
+        i += 1;
+    }
+    if levels.is_empty() || layers.iter().any(|l| *l != layers[0]) {
+        bail!(
+            "{}: cannot infer the UNet's blocks (resnets per level {layers:?}); give --config",
+            h.path.display()
+        );
+    }
+    let per_level = layers[0];
+    let first_attn = (1..i)
+        .find_map(|j| {
+            h.shape(&format!(
+                "{UNET}input_blocks.{j}.1.transformer_blocks.0.attn2.to_k.weight"
+            ))
+        })
+        .context("no cross-attention in the UNet")?;
+    let proj_in = (1..i)
+        .find_map(|j| h.shape(&format!("{UNET}input_blocks.{j}.1.proj_in.weight")))
+        .context("no proj_in in the UNet")?;
+    let n = levels.len();
+    let up_attn: Vec<bool> = (0..n)
+        .map(|u| {
+            let idx = u * (per_level + 1);
+            h.has(&format!("{UNET}output_blocks.{idx}.1.proj_in.weight"))
+        })
+        .collect();
+    let depth: Vec<usize> = levels.iter().map(|l| l.2.max(1)).collect();
+    let mut cfg = UNetConfig {
+        in_channels,
+        out_channels: shape("out.2.weight")?[0],
+        down_block_types: levels
+            .iter()
+            .map(|l| {
+                if l.1 {
+                    "CrossAttnDownBlock2D"
+                } else {
+                    "DownBlock2D"
+                }
+                .into()
+            })
+            .collect(),
+        up_block_types: up_attn
+            .iter()
+            .map(|a| {
+                if *a {
+                    "CrossAttnUpBlock2D"
+                } else {
+                    "UpBlock2D"
+                }
+                .into()
+            })
+            .collect(),
+        block_out_channels: levels.iter().map(|l| l.0).collect(),
+        layers_per_block: PerBlock::One(per_level),
+        cross_attention_dim: PerBlock::One(first_attn[1]),
+        transformer_layers_per_block: if depth.iter().all(|d| *d == depth[0]) {
+            PerBlock::One(depth[0])
+        } else {
+            PerBlock::Each(depth)
+        },
+        use_linear_projection: proj_in.len() == 2,
+        ..UNetConfig::sd_v1_5()
+    };
+    if let Some(c) = levels.iter().map(|l| l.0).find(|c| c % 32 != 0) {
+        bail!(
+            "{}: a UNet level has {c} channels, not a multiple of SD's 32 norm groups: not a standard SD 1.x/2.x model, so its config cannot be inferred; give --config",
+            h.path.display()
+        );
+    }
+    if levels[0].0 != mc {
+        bail!(
+            "{}: conv_in has {mc} channels, the first level {}",
+            h.path.display(),
+            levels[0].0
+        );
+    }
+    if family == Family::Sd2 {
+        cfg.attention_head_dim =
+            PerBlock::Each(cfg.block_out_channels.iter().map(|c| c / 64).collect());
+    }
+    Ok(cfg)
+}
+
+/// The VAE config a file's `prefix`ed LDM VAE implies (SD's 32 norm groups and scaling 0.18215).
+pub fn infer_vae_config(h: &CheckpointHeader, prefix: &str) -> Result<VaeConfig> {
+    let shape = |k: &str| -> Result<&[usize]> {
+        h.shape(&format!("{prefix}{k}"))
+            .with_context(|| format!("{}: no tensor `{prefix}{k}`", h.path.display()))
+    };
+    let levels = h.count(&format!("{prefix}encoder.down."), ".block.0.conv1.weight");
+    if levels == 0 {
+        bail!("{}: no LDM VAE under `{prefix}`", h.path.display());
+    }
+    let channels = (0..levels)
+        .map(|i| Ok(shape(&format!("encoder.down.{i}.block.0.conv2.weight"))?[0]))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(c) = channels.iter().find(|c| *c % 32 != 0) {
+        bail!(
+            "{}: a VAE level has {c} channels, not a multiple of SD's 32 norm groups: its config cannot be inferred; give --config",
+            h.path.display()
+        );
+    }
+    Ok(VaeConfig {
+        in_channels: shape("encoder.conv_in.weight")?[1],
+        out_channels: shape("decoder.conv_out.weight")?[0],
+        down_block_types: vec!["DownEncoderBlock2D".into(); levels],
+        up_block_types: vec!["UpDecoderBlock2D".into(); levels],
+        block_out_channels: channels,
+        layers_per_block: h.count(&format!("{prefix}encoder.down.0.block."), ".conv1.weight"),
+        latent_channels: shape("encoder.conv_out.weight")?[0] / 2,
+        use_quant_conv: h.has(&format!("{prefix}quant_conv.weight")),
+        use_post_quant_conv: h.has(&format!("{prefix}post_quant_conv.weight")),
+        ..VaeConfig::sd_v1_5()
+    })
+}
+
+/// The text encoder config a file implies (64-dim heads; SD 2.x: the penultimate of OpenCLIP's
+/// layers, GELU, as diffusers converts it).
+pub fn infer_clip_config(h: &CheckpointHeader, family: Family) -> Result<ClipTextConfig> {
+    let p = h.path.display();
+    let get = |k: &str| -> Result<&[usize]> {
+        h.shape(k).with_context(|| format!("{p}: no tensor `{k}`"))
+    };
+    Ok(match family {
+        Family::Sd1 => {
+            // older files lack transformers' `text_model.` level
+            let t = if h.any_prefix("cond_stage_model.transformer.text_model.") {
+                "cond_stage_model.transformer.text_model."
+            } else {
+                "cond_stage_model.transformer."
+            };
+            let tok = get(&format!("{t}embeddings.token_embedding.weight"))?;
+            ClipTextConfig {
+                vocab_size: tok[0],
+                hidden_size: tok[1],
+                intermediate_size: get(&format!("{t}encoder.layers.0.mlp.fc1.weight"))?[0],
+                num_hidden_layers: h.count(&format!("{t}encoder.layers."), ".mlp.fc1.weight"),
+                num_attention_heads: tok[1] / 64,
+                max_position_embeddings: get(&format!("{t}embeddings.position_embedding.weight"))?
+                    [0],
+                ..ClipTextConfig::sd_v1_5()
+            }
+        }
+        Family::Sd2 => {
+            let t = "cond_stage_model.model.";
+            let tok = get(&format!("{t}token_embedding.weight"))?;
+            let blocks = h.count(&format!("{t}transformer.resblocks."), ".mlp.c_fc.weight");
+            ClipTextConfig {
+                vocab_size: tok[0],
+                hidden_size: tok[1],
+                intermediate_size: get(&format!("{t}transformer.resblocks.0.mlp.c_fc.weight"))?[0],
+                num_hidden_layers: blocks.saturating_sub(1),
+                num_attention_heads: tok[1] / 64,
+                max_position_embeddings: get(&format!("{t}positional_embedding"))?[0],
+                hidden_act: "gelu".into(),
+                ..ClipTextConfig::sd_v1_5()
+            }
+        }
+    })
+}
+
+/// Our keys of a model built by `build` (from a shape-only source).
+fn keys_of(build: impl FnOnce(&WeightSource) -> Result<()>) -> Result<Vec<String>> {
+    let ws = WeightSource::meta(DType::F32);
+    build(&ws)?;
+    Ok(ws.records().into_iter().map(|r| r.path).collect())
+}
+
+/// `model.diffusion_model.a.b` -> `model_ema.diffusion_modelab` (LDM's EMA naming).
+fn ema_key(key: &str) -> String {
+    let rest = key.strip_prefix("model.").unwrap_or(key);
+    format!("model_ema.{}", rest.replace('.', ""))
+}
+
+/// The remap for a VAE stored under `prefix` in LDM layout.
+fn vae_remap(cfg: &VaeConfig, prefix: &str) -> Result<HashMap<String, Remap>> {
+    let n = cfg.block_out_channels.len();
+    keys_of(|ws| AutoencoderKL::new(cfg, ws).map(|_| ()))?
+        .into_iter()
+        .map(|k| {
+            let l =
+                vae_ldm_key(&k, n).with_context(|| format!("VAE tensor `{k}` has no LDM name"))?;
+            Ok((k, Remap::key(format!("{prefix}{l}"))))
+        })
+        .collect()
+}
+
+/// Loads a VAE given as a diffusers folder or a `.safetensors` file of any layout.
+pub fn load_vae(
+    path: &Path,
+    cfg: &VaeConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<AutoencoderKL> {
+    if path.is_dir() {
+        // a folder holding only the fp16 variant is read as such
+        let dir = crate::weights::component_dir(path, "vae");
+        let only_fp16 = !dir.join("diffusion_pytorch_model.safetensors").is_file()
+            && dir
+                .join("diffusion_pytorch_model.fp16.safetensors")
+                .is_file();
+        return AutoencoderKL::load(path, only_fp16.then_some("fp16"), dtype, device);
+    }
+    let h = CheckpointHeader::read(path)?;
+    let ws = if h.has("encoder.down_blocks.0.resnets.0.conv1.weight") {
+        WeightSource::from_safetensors(&[path.to_path_buf()], dtype, device)?
+    } else {
+        let prefix = if h.any_prefix(VAE) { VAE } else { "" };
+        let cfg = infer_vae_config(&h, prefix).unwrap_or_else(|_| cfg.clone());
+        let ws =
+            WeightSource::from_safetensors_remapped(path, vae_remap(&cfg, prefix)?, dtype, device)?;
+        return AutoencoderKL::new(&cfg, &ws)
+            .with_context(|| format!("loading the VAE from {}", path.display()));
+    };
+    AutoencoderKL::new(cfg, &ws).with_context(|| format!("loading the VAE from {}", path.display()))
+}
+
+/// Everything needed to read one file: configs and, per component, our key -> its key.
+pub struct SingleFilePlan {
+    pub header: CheckpointHeader,
+    pub family: Family,
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub text: ClipTextConfig,
+    pub scheduler: SchedulerConfig,
+    pub tokenizer_dir: PathBuf,
+    pub unet_map: HashMap<String, Remap>,
+    pub vae_map: HashMap<String, Remap>,
+    pub text_map: HashMap<String, Remap>,
+}
+
+impl SingleFilePlan {
+    /// Reads the header, detects the family, infers (or reads) the configs and pairs every
+    /// tensor of ours with the file's; nothing is loaded yet.
+    pub fn new(path: &Path, opts: &SingleFileOptions) -> Result<Self> {
+        let header = CheckpointHeader::read(path)?;
+        let family = detect_family(&header)?;
+        let (unet, vae, text, mut scheduler, tokenizer_dir) = match &opts.config {
+            Some(dir) => (
+                UNetConfig::from_file(&dir.join("unet/config.json"))?,
+                VaeConfig::from_file(&dir.join("vae/config.json"))?,
+                ClipTextConfig::from_file(&dir.join("text_encoder/config.json"))?,
+                SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?,
+                dir.join("tokenizer"),
+            ),
+            None => (
+                infer_unet_config(&header, family)?,
+                infer_vae_config(&header, VAE)?,
+                infer_clip_config(&header, family)?,
+                SchedulerConfig::sd_v1_5(),
+                crate::io::tiny_model_dir().join("tokenizer"),
+            ),
+        };
+        match (&opts.prediction_type, &opts.config, family) {
+            (Some(p), _, _) => scheduler.prediction_type = p.clone(),
+            (None, None, Family::Sd2) => scheduler.prediction_type = "v_prediction".into(),
+            _ => {}
+        }
+        if !matches!(
+            scheduler.prediction_type.as_str(),
+            "epsilon" | "v_prediction"
+        ) {
+            bail!(
+                "prediction type `{}`: expected epsilon or v_prediction",
+                scheduler.prediction_type
+            );
+        }
+        let meta_unet = UNet2DConditionModel::meta(&unet)?;
+        let unet_keys = keys_of(|ws| UNet2DConditionModel::new(&unet, ws).map(|_| ()))?;
+        let mut unet_map = HashMap::new();
+        for (ours, ldm) in ldm_keys(&meta_unet, &unet_keys)? {
+            let key = format!("{UNET}{ldm}");
+            let key = if opts.use_ema { ema_key(&key) } else { key };
+            unet_map.insert(ours, Remap::key(key));
+        }
+        if opts.use_ema && !header.any_prefix("model_ema.diffusion_model") {
+            bail!(
+                "{}: --use-ema, but the file has no EMA weights (`model_ema.*`)",
+                path.display()
+            );
+        }
+        let layout = match family {
+            Family::Sd1 => ClipLayout::Transformers,
+            Family::Sd2 => ClipLayout::OpenClip,
+        };
+        let text_map = keys_of(|ws| ClipTextModel::new(&text, ws).map(|_| ()))?
+            .into_iter()
+            .map(|k| {
+                let mut r = clip_ldm_key(&k, layout, text.hidden_size).with_context(|| {
+                    format!("text encoder tensor `{k}` has no single-file name")
+                })?;
+                let short = r.key.replace("transformer.text_model.", "transformer.");
+                if !header.has(&r.key) && header.has(&short) {
+                    r.key = short;
+                }
+                Ok((k, r))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            vae_map: vae_remap(&vae, VAE)?,
+            header,
+            family,
+            unet,
+            vae,
+            text,
+            scheduler,
+            tokenizer_dir,
+            unet_map,
+            text_map,
+        })
+    }
+
+    /// Which of the file's tensors nothing reads, minus those set aside by design.
+    fn report(&self, opts: &SingleFileOptions) -> SingleFileReport {
+        let mut used: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        for m in [&self.unet_map, &self.text_map] {
+            used.extend(m.values().map(|r| r.key.as_str()));
+        }
+        if opts.vae.is_none() {
+            used.extend(self.vae_map.values().map(|r| r.key.as_str()));
+        }
+        let by_design = |k: &str| {
+            k.starts_with("model_ema.")
+                || k.ends_with("position_ids")
+                || !k.contains('.')
+                || (opts.vae.is_some() && k.starts_with(VAE))
+                || (opts.use_ema && k.starts_with(UNET))
+                // SD 2.x reads OpenCLIP's penultimate layer; the last one and the projection stay
+                || (self.family == Family::Sd2
+                    && (k.contains(&format!("resblocks.{}.", self.text.num_hidden_layers))
+                        || k.ends_with("text_projection")
+                        || k.ends_with("logit_scale")))
+        };
+        let mut unused = Vec::new();
+        let mut ignored = 0;
+        for k in self.header.tensors.keys() {
+            if used.contains(k.as_str()) {
+                continue;
+            }
+            if by_design(k) {
+                ignored += 1;
+            } else {
+                unused.push(k.clone());
+            }
+        }
+        SingleFileReport {
+            path: self.header.path.clone(),
+            family: self.family,
+            config_given: opts.config.is_some(),
+            dtype: self.header.main_dtype(),
+            tensors_used: used.len(),
+            ignored,
+            unused_count: unused.len(),
+            unused: unused.into_iter().take(10).collect(),
+            prediction_type: self.scheduler.prediction_type.clone(),
+        }
+    }
+}
+
+impl StableDiffusion {
+    /// Loads a whole pipeline from a single-file checkpoint (see [`SingleFileOptions`]) and
+    /// reports what was read and what was set aside.
+    pub fn from_single_file(
+        path: &Path,
+        opts: &SingleFileOptions,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Self, SingleFileReport)> {
+        if device.is_cpu() {
+            crate::device::tune_cpu_allocator();
+            crate::device::tune_cpu_threads();
+        }
+        let plan = SingleFilePlan::new(path, opts)?;
+        let ws = |m: &HashMap<String, Remap>| {
+            WeightSource::from_safetensors_remapped(path, m.clone(), dtype, device)
+        };
+        let ctx = |what: &str| format!("loading the {what} from {}", path.display());
+        let unet = UNet2DConditionModel::new(&plan.unet, &ws(&plan.unet_map)?)
+            .with_context(|| ctx("UNet"))?;
+        let text_encoder = ClipTextModel::new(&plan.text, &ws(&plan.text_map)?)
+            .with_context(|| ctx("text encoder"))?;
+        let vae = match &opts.vae {
+            Some(v) => load_vae(v, &plan.vae, dtype, device)?,
+            None => {
+                AutoencoderKL::new(&plan.vae, &ws(&plan.vae_map)?).with_context(|| ctx("VAE"))?
+            }
+        };
+        let mut tokenizer = ClipTokenizer::from_dir(&plan.tokenizer_dir)?;
+        if plan.family == Family::Sd2 && opts.config.is_none() {
+            // SD 2.x's tokenizer pads with "!" (id 0), not the end-of-text token
+            tokenizer = tokenizer.with_pad_token("!")?;
+        }
+        let report = plan.report(opts);
+        Ok((
+            Self {
+                tokenizer,
+                text_encoder,
+                vae,
+                unet,
+                scheduler_config: plan.scheduler.clone(),
+                root: opts
+                    .config
+                    .clone()
+                    .unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")).to_path_buf()),
+                device: device.clone(),
+                dtype,
+            },
+            report,
+        ))
+    }
+}
