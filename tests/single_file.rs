@@ -34,6 +34,11 @@ fn sd2_config() -> tempfile::TempDir {
             std::fs::copy(e.path(), dir.path().join(sub).join(e.file_name())).unwrap();
         }
     }
+    std::fs::copy(
+        src.join("model_index.json"),
+        dir.path().join("model_index.json"),
+    )
+    .unwrap();
     sd_lora::text::write_clip_vocab(&common::clip_bpe(), &dir.path().join("tokenizer")).unwrap();
     dir
 }
@@ -369,4 +374,144 @@ fn a_vae_swap_reads_ldm_and_diffusers_vae_files() {
         let e = rel_err(&sd.vae.decode(&z).unwrap(), &want);
         assert!(e < 1e-3, "{}: {e}", vae.display());
     }
+}
+
+fn sha256_hex(p: &Path) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(std::fs::read(p).unwrap());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn convert_model_writes_the_folder_diffusers_accepted() {
+    // check_converted_model.py: diffusers' from_pretrained on these bytes gave the same tensors
+    // and image as its from_single_file; the manifest holds their SHA-256
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(golden("single_file/converted_manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let cfg1 = tiny_pipeline();
+    let cfg2 = sd2_config();
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, cfg) in [("sd1", cfg1.path()), ("sd2", cfg2.path())] {
+        let out = tmp.path().join(name);
+        let opts = SingleFileOptions {
+            config: Some(cfg.to_path_buf()),
+            ..Default::default()
+        };
+        let file = golden(&format!("single_file/{name}.safetensors"));
+        let msg =
+            sd_lora::pipeline::convert_model::convert_to_diffusers(&file, &opts, &out).unwrap();
+        println!("{msg}");
+        let want = manifest[name].as_object().unwrap();
+        assert!(want.len() >= 8);
+        for (rel, hash) in want {
+            assert_eq!(
+                &sha256_hex(&out.join(rel)),
+                hash.as_str().unwrap(),
+                "{name}: {rel} is not what diffusers accepted"
+            );
+        }
+        // and we read it back as a folder: the same image as from the file
+        let sd = StableDiffusion::from_folder(&out, None, DType::F32, &Device::Cpu).unwrap();
+        let r = load(&format!("single_file/{name}_reference.safetensors"));
+        let (p, eu, _) = compare(&sd, &r, "unet.out");
+        assert!(p >= 40.0 && eu <= 1e-4, "{name}: {p} dB, {eu}");
+        // an existing folder is never overwritten
+        let err = sd_lora::pipeline::convert_model::convert_to_diffusers(&file, &opts, &out)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not empty"), "{err}");
+    }
+    // a failed conversion leaves nothing behind
+    let bytes = std::fs::read(sd1_file()).unwrap();
+    let cut = tmp.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+    let before = std::fs::read_dir(tmp.path()).unwrap().count();
+    let out = tmp.path().join("never");
+    assert!(sd_lora::pipeline::convert_model::convert_to_diffusers(
+        &cut,
+        &SingleFileOptions {
+            config: Some(cfg1.path().to_path_buf()),
+            ..Default::default()
+        },
+        &out
+    )
+    .is_err());
+    assert!(!out.exists());
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), before);
+}
+
+#[test]
+fn commands_take_single_files() {
+    let bin = env!("CARGO_BIN_EXE_sd-lora");
+    let cfg = tiny_pipeline();
+    let r = load("single_file/sd1_reference.safetensors");
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in.safetensors");
+    let t: HashMap<String, Tensor> = [
+        ("sample", r["unet.sample"].clone()),
+        ("timestep", r["unet.timestep"].clone()),
+        (
+            "encoder_hidden_states",
+            r["unet.encoder_hidden_states"].clone(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    candle_core::safetensors::save(&t, &inputs).unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let file = sd1_file();
+    let o = std::process::Command::new(bin)
+        .args(["unet-forward", "--model"])
+        .arg(&file)
+        .arg("--config")
+        .arg(cfg.path())
+        .args(["--use-ema", "--inputs"])
+        .arg(&inputs)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let y = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    assert!(rel_err(&y["sample"], &r["unet.out_ema"]) <= 1e-4);
+    // generate prints what the file held; flags that would do nothing are refused
+    let o = std::process::Command::new(bin)
+        .args(["generate", "--model"])
+        .arg(&file)
+        .arg("--config")
+        .arg(cfg.path())
+        .args([
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "2",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--out",
+        ])
+        .arg(tmp.path().join("img.png"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.contains("SD 1.x single file"),
+        "{err}"
+    );
+    let o = std::process::Command::new(bin)
+        .args(["unet-forward", "--model", "tiny", "--vae", "x", "--inputs"])
+        .arg(&inputs)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--vae has no effect"),
+        "{err}"
+    );
 }

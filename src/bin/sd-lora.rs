@@ -31,6 +31,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Train(a) => println!("{}", commands::train::train(&a.options()?)?),
         Command::Convert(a) => println!("{}", commands::convert::convert(&a)?),
+        Command::ConvertModel(a) => println!("{}", commands::convert_model::convert_model(&a)?),
         Command::MakeData(a) => println!("{}", commands::data::make_data(&a)?),
         Command::PretrainTiny(a) => {
             let bpe = sd_lora::text::default_clip_bpe();

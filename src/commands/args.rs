@@ -54,6 +54,26 @@ impl ModelArgs {
         }
     }
 
+    /// Refuses flags that `command` would not use (it reads `allowed` of --config, --vae,
+    /// --prediction-type, --use-ema), naming them.
+    pub fn refuse_unused(&self, command: &str, allowed: &[&str]) -> Result<()> {
+        let given = [
+            ("--config", self.config.is_some()),
+            ("--vae", self.vae.is_some()),
+            ("--prediction-type", self.prediction_type.is_some()),
+            ("--use-ema", self.use_ema),
+        ];
+        let bad: Vec<&str> = given
+            .iter()
+            .filter(|(f, on)| *on && !allowed.contains(f))
+            .map(|(f, _)| *f)
+            .collect();
+        if !bad.is_empty() {
+            anyhow::bail!("{} has no effect on `{command}`", bad.join(", "));
+        }
+        Ok(())
+    }
+
     /// Opens the device and settles the dtype (bf16 is refused on the CPU).
     pub fn resolve(&self) -> Result<(Device, DType)> {
         let device = self.device.open()?;
@@ -80,8 +100,8 @@ impl Default for ModelArgs {
 /// A model's structure only (no weights): what LoRA module names resolve against.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StructureArgs {
-    /// Model structure: `sd15`, `tiny`, a diffusers folder (pipeline root or its unet/) or a
-    /// UNet `config.json`.
+    /// Model structure: `sd15`, `tiny`, a diffusers folder (pipeline root or its unet/), a
+    /// UNet `config.json`, or a single-file checkpoint (structure inferred from its shapes).
     #[arg(long, default_value = "sd15")]
     pub model: String,
 }
@@ -117,20 +137,9 @@ impl StructureArgs {
         crate::unet::UNet2DConditionModel,
         crate::text::ClipTextModel,
     )> {
-        use crate::text::{ClipTextConfig, ClipTextModel};
-        let unet = crate::unet::UNet2DConditionModel::meta(&crate::unet::UNetConfig::for_model(
-            &self.model,
-        )?)?;
-        let te_config = std::path::Path::new(&self.model)
-            .join("text_encoder")
-            .join("config.json");
-        let cfg = if te_config.is_file() {
-            ClipTextConfig::from_file(&te_config)?
-        } else if self.model == "tiny" {
-            ClipTextConfig::tiny()
-        } else {
-            ClipTextConfig::sd_v1_5()
-        };
+        use crate::text::ClipTextModel;
+        let (ucfg, cfg) = crate::pipeline::single_file::structure_configs(&self.model)?;
+        let unet = crate::unet::UNet2DConditionModel::meta(&ucfg)?;
         let te = ClipTextModel::new(
             &cfg,
             &crate::weights::WeightSource::meta(candle_core::DType::F32),

@@ -76,6 +76,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
     if let Some(mib) = a.attention_chunk_mib {
         crate::ops::set_attention_chunk_bytes(mib.saturating_mul(1 << 20));
     }
+    a.model.refuse_unused("bench", &[])?;
     let (device, dtype) = a.model.resolve()?;
     let cfg = BenchConfig {
         model: a.model.model.clone(),
@@ -289,7 +290,7 @@ pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
     if let Some(v) = &cfg.variant {
         bail!("--variant {v}: the training benchmark uses random weights (variants apply to `bench generate` with a pipeline folder)");
     }
-    let ucfg = UNetConfig::for_model(&cfg.model)?;
+    let ucfg = crate::pipeline::single_file::structure_configs(&cfg.model)?.0;
     let mut unet = UNet2DConditionModel::random(&ucfg, 0, dt, dev)?;
     let mut lora = LoraConfig::new(16, 32.0).with_dora(cfg.dora);
     if let Some(r) = cfg.conv_rank {

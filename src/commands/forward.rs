@@ -60,8 +60,28 @@ pub fn unet_forward(a: &UnetForwardArgs) -> Result<String> {
         get("timestep")?,
         get("encoder_hidden_states")?,
     );
-    let dir = crate::io::resolve_model(&a.model.model, a.model.variant.as_deref(), None)?;
-    let mut unet = UNet2DConditionModel::load(&dir, a.model.variant.as_deref(), dtype, &device)?;
+    let single = crate::pipeline::single_file::is_single_file(&a.model.model);
+    let allowed: &[&str] = if single {
+        &["--config", "--use-ema"]
+    } else {
+        &[]
+    };
+    a.model.refuse_unused("unet-forward", allowed)?;
+    let mut unet = if single {
+        let mut sf = a.model.single_file();
+        if let Some(c) = &sf.config {
+            sf.config = Some(crate::io::resolve_model(&c.to_string_lossy(), None, None)?);
+        }
+        crate::pipeline::single_file::load_unet(
+            std::path::Path::new(&a.model.model),
+            &sf,
+            dtype,
+            &device,
+        )?
+    } else {
+        let dir = crate::io::resolve_model(&a.model.model, a.model.variant.as_deref(), None)?;
+        UNet2DConditionModel::load(&dir, a.model.variant.as_deref(), dtype, &device)?
+    };
     let mut note = String::new();
     if a.lora.is_none() && a.lora_scale != 1.0 {
         eprintln!(

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use super::args::{count, StructureArgs};
 use crate::lora::{apply, LoraConfig, LoraFile, LoraModel, LoraSummary};
-use crate::unet::{UNet2DConditionModel, UNetConfig};
+use crate::unet::UNet2DConditionModel;
 
 /// `sd-lora inspect-model`.
 #[derive(Debug, Clone, clap::Args)]
@@ -33,7 +33,8 @@ pub struct InspectModelArgs {
 
 /// Builds the UNet structure without weights, injects LoRA and returns the summary.
 pub fn lora_summary(model: &str, cfg: &LoraConfig) -> Result<LoraSummary> {
-    let mut unet = UNet2DConditionModel::meta(&UNetConfig::for_model(model)?)?;
+    let mut unet =
+        UNet2DConditionModel::meta(&crate::pipeline::single_file::structure_configs(model)?.0)?;
     unet.inject_lora(cfg, &VarMap::new())
 }
 

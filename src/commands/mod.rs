@@ -7,6 +7,7 @@
 pub mod args;
 pub mod bench;
 pub mod convert;
+pub mod convert_model;
 pub mod data;
 pub mod demo;
 pub mod forward;
@@ -45,6 +46,8 @@ pub enum Command {
     InspectLora(inspect::InspectLoraArgs),
     /// Converts a LoRA file between formats (kohya <-> peft/diffusers).
     Convert(convert::ConvertArgs),
+    /// Writes a single-file checkpoint (A1111/LDM .safetensors) as a diffusers folder.
+    ConvertModel(convert_model::ConvertModelArgs),
     /// Writes synthetic captioned 64x64 scenes (PNG + .txt sidecar) in the base or anime look.
     MakeData(data::MakeDataArgs),
     /// Pre-trains the embedded tiny Stable Diffusion (VAE, then UNet), resumable; writes a

@@ -3,6 +3,7 @@
 //! reloading anything.
 
 pub mod checkpoint_file;
+pub mod convert_model;
 pub mod generate;
 pub mod lora;
 pub mod single_file;

@@ -329,6 +329,34 @@ pub fn load_vae(
     AutoencoderKL::new(cfg, &ws).with_context(|| format!("loading the VAE from {}", path.display()))
 }
 
+/// Whether `dir` holds a tokenizer vocabulary.
+pub fn has_vocab(dir: &Path) -> bool {
+    dir.join("tokenizer.json").is_file()
+        || (dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file())
+}
+
+/// The tokenizer of `dir`; a folder with only `tokenizer_config.json` (configs shipped without
+/// the vocabulary) gets the built-in CLIP vocabulary with that config's pad token.
+pub fn load_tokenizer(dir: &Path) -> Result<ClipTokenizer> {
+    if has_vocab(dir) {
+        return ClipTokenizer::from_dir(dir);
+    }
+    let tok = ClipTokenizer::from_dir(&crate::io::tiny_model_dir().join("tokenizer"))?;
+    let cfg = dir.join("tokenizer_config.json");
+    if !cfg.is_file() {
+        return Ok(tok);
+    }
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg)?)
+        .with_context(|| format!("{} is not valid JSON", cfg.display()))?;
+    match v["pad_token"]
+        .as_str()
+        .or(v["pad_token"]["content"].as_str())
+    {
+        Some(p) => tok.with_pad_token(p),
+        None => Ok(tok),
+    }
+}
+
 /// Everything needed to read one file: configs and, per component, our key -> its key.
 pub struct SingleFilePlan {
     pub header: CheckpointHeader,
@@ -499,7 +527,7 @@ impl StableDiffusion {
                 AutoencoderKL::new(&plan.vae, &ws(&plan.vae_map)?).with_context(|| ctx("VAE"))?
             }
         };
-        let mut tokenizer = ClipTokenizer::from_dir(&plan.tokenizer_dir)?;
+        let mut tokenizer = load_tokenizer(&plan.tokenizer_dir)?;
         if plan.family == Family::Sd2 && opts.config.is_none() {
             // SD 2.x's tokenizer pads with "!" (id 0), not the end-of-text token
             tokenizer = tokenizer.with_pad_token("!")?;
@@ -522,4 +550,46 @@ impl StableDiffusion {
             report,
         ))
     }
+}
+
+/// Whether `model` names a single-file checkpoint (an existing `.safetensors` file).
+pub fn is_single_file(model: &str) -> bool {
+    let p = Path::new(model);
+    p.is_file() && p.extension().is_some_and(|e| e == "safetensors")
+}
+
+/// The UNet and text-encoder configs of `model`: inferred from a single file's shapes, else
+/// [`UNetConfig::for_model`] and the text encoder of a pipeline folder (tiny's for `tiny`, SD
+/// 1.5's otherwise). Structure only: no weights are read.
+pub fn structure_configs(model: &str) -> Result<(UNetConfig, ClipTextConfig)> {
+    if is_single_file(model) {
+        let h = CheckpointHeader::read(Path::new(model))?;
+        let family = detect_family(&h)?;
+        return Ok((
+            infer_unet_config(&h, family)?,
+            infer_clip_config(&h, family)?,
+        ));
+    }
+    let te_config = Path::new(model).join("text_encoder").join("config.json");
+    let text = if te_config.is_file() {
+        ClipTextConfig::from_file(&te_config)?
+    } else if model == "tiny" {
+        ClipTextConfig::tiny()
+    } else {
+        ClipTextConfig::sd_v1_5()
+    };
+    Ok((UNetConfig::for_model(model)?, text))
+}
+
+/// The UNet of a single file alone (see [`StableDiffusion::from_single_file`]).
+pub fn load_unet(
+    path: &Path,
+    opts: &SingleFileOptions,
+    dtype: DType,
+    device: &Device,
+) -> Result<UNet2DConditionModel> {
+    let plan = SingleFilePlan::new(path, opts)?;
+    let ws = WeightSource::from_safetensors_remapped(path, plan.unet_map.clone(), dtype, device)?;
+    UNet2DConditionModel::new(&plan.unet, &ws)
+        .with_context(|| format!("loading the UNet from {}", path.display()))
 }
