@@ -5,6 +5,7 @@
 pub mod checkpoint_file;
 pub mod convert_model;
 pub mod generate;
+pub mod infer_config;
 pub mod lora;
 pub mod single_file;
 
