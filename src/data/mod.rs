@@ -2,6 +2,8 @@
 //! (none, one fixed text, or kohya-style `<image>.txt` sidecars with a fallback), resized and
 //! cropped to the training resolution, optionally flipped, as tensors in [-1, 1].
 
+pub mod buckets;
+
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
