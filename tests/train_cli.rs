@@ -600,3 +600,73 @@ fn sd_lora_meta(p: &Path) -> std::collections::HashMap<String, String> {
         .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
         .collect()
 }
+
+#[test]
+fn bucketed_training_runs_resumes_bit_identically_and_records_the_buckets() {
+    let s = setup();
+    let mixed = s.runs.path().join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    for (i, (w, h)) in [(40u32, 70u32), (90, 45), (50, 50), (60, 100), (128, 60)]
+        .iter()
+        .enumerate()
+    {
+        image::RgbImage::from_fn(*w, *h, |x, y| {
+            image::Rgb([(x * 3 + i as u32 * 40) as u8, (y * 2) as u8, 90])
+        })
+        .save(mixed.join(format!("{i}.png")))
+        .unwrap();
+    }
+    let extra = |every: &str, resume: bool| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--data",
+            mixed.to_str().unwrap(),
+            "--resolution",
+            "64",
+            "--enable-bucket",
+            "--min-bucket-reso",
+            "32",
+            "--max-bucket-reso",
+            "128",
+            "--bucket-reso-steps",
+            "32",
+            "--save-every",
+            every,
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        if resume {
+            v.push("--resume".into());
+        }
+        v
+    };
+    let run = |name: &str, steps: usize, every: &str, resume: bool| {
+        let e = extra(every, resume);
+        let e: Vec<&str> = e.iter().map(|x| x.as_str()).collect();
+        ok(&sd_lora(&s.args(name, steps, &e)))
+    };
+    let log = run("straight", 4, "4", false);
+    assert!(log.contains("buckets (5 images"), "{log}");
+    run("split", 2, "2", false);
+    run("split", 4, "2", true);
+    for f in ["lora.safetensors", "lora_peft.safetensors"] {
+        assert!(
+            same_tensors(&s.out("straight").join(f), &s.out("split").join(f)),
+            "{f} differs after a bucketed resume"
+        );
+    }
+    let meta = sd_lora_meta(&s.out("straight").join("lora.safetensors"));
+    assert_eq!(meta["ss_enable_bucket"], "True");
+    let info: serde_json::Value = serde_json::from_str(&meta["ss_bucket_info"]).unwrap();
+    let counts: u64 = info["buckets"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|b| b["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counts, 5);
+    fails_with(
+        &sd_lora(&s.args("bad", 1, &["--min-bucket-reso", "32"])),
+        &["--enable-bucket"],
+    );
+}

@@ -16,6 +16,7 @@ pub mod inspect;
 pub mod plot;
 pub mod pretrain;
 pub mod train;
+pub mod train_outputs;
 
 use clap::{Parser, Subcommand};
 
@@ -41,7 +42,7 @@ pub enum Command {
     /// Generates images with a Stable Diffusion pipeline (optionally with LoRA files).
     Generate(generate::GenerateArgs),
     /// Trains a LoRA on an image folder.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Describes a LoRA file: format, layers, rank, alpha, targets, parameters, metadata.
     InspectLora(inspect::InspectLoraArgs),
     /// Converts a LoRA file between formats (kohya <-> peft/diffusers).

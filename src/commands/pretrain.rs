@@ -447,10 +447,14 @@ fn train_unet(
         .iter()
         .enumerate()
         .map(|(i, s)| {
+            let pixels = to_tensor(&s.render(Look::Base))?;
+            let d = pixels.dims().to_vec();
             Ok(Example {
                 path: PathBuf::from(format!("scene-{i:05}")),
-                pixels: to_tensor(&s.render(Look::Base))?,
+                pixels,
                 caption: s.caption(),
+                original_size: (d[2], d[1]),
+                crop_top_left: (0, 0),
             })
         })
         .collect::<Result<Vec<_>>>()?;

@@ -9,11 +9,11 @@ use std::path::PathBuf;
 
 use super::args::{count, learning_rate, non_negative, positive, probability, ModelArgs};
 use super::args::{Resolution, SaveDType};
+use crate::data::buckets::BucketConfig;
 use crate::data::{CaptionSource, DataConfig, ImageFolder};
-use crate::lora::io::KohyaTrainingMetadata;
-use crate::lora::{LoraConfig, LoraFormat, LoraModel};
+use crate::lora::{LoraConfig, LoraModel};
 use crate::pipeline::{GenerateConfig, LoadOptions, StableDiffusion};
-use crate::train::{checkpoint, Checkpoints, LatentCache, LrSchedulerKind, MetricsCsv};
+use crate::train::{checkpoint, Checkpoints, Denoising, LatentCache, LrSchedulerKind, MetricsCsv};
 use crate::train::{Progress, StepHook, StepRecord, TrainConfig, Trainer};
 
 /// `--network`: the kind of adapter trained.
@@ -105,6 +105,22 @@ pub struct TrainArgs {
     /// Also read images in sub-folders.
     #[arg(long)]
     pub recursive: bool,
+    /// Aspect-ratio buckets (kohya's): each image trains at the bucket of its aspect ratio
+    /// (area <= the resolution's), each batch from one bucket.
+    #[arg(long)]
+    pub enable_bucket: bool,
+    /// Smallest bucket side in pixels.
+    #[arg(long, default_value_t = BucketConfig::default().min_reso, value_parser = count, requires = "enable_bucket")]
+    pub min_bucket_reso: usize,
+    /// Largest bucket side in pixels.
+    #[arg(long, default_value_t = BucketConfig::default().max_reso, value_parser = count, requires = "enable_bucket")]
+    pub max_bucket_reso: usize,
+    /// Bucket sides are multiples of this (a multiple of 8).
+    #[arg(long, default_value_t = BucketConfig::default().steps, value_parser = count, requires = "enable_bucket")]
+    pub bucket_reso_steps: usize,
+    /// Never enlarge images: buckets come from each image's own size.
+    #[arg(long, requires = "enable_bucket")]
+    pub bucket_no_upscale: bool,
     /// Captions: `empty`, `sidecar` (`<image>.txt`), `sidecar:FALLBACK` (the text for images
     /// without one), or any other text as the caption of every image.
     #[arg(long, default_value = "empty", value_parser = caption_source)]
@@ -230,6 +246,13 @@ impl TrainArgs {
                 captions: self.caption.clone(),
                 recursive: self.recursive,
                 skip_bad_images: self.skip_bad_images,
+                buckets: self.enable_bucket.then_some(BucketConfig {
+                    resolution: (self.resolution.width, self.resolution.height),
+                    min_reso: self.min_bucket_reso,
+                    max_reso: self.max_bucket_reso,
+                    steps: self.bucket_reso_steps,
+                    no_upscale: self.bucket_no_upscale,
+                }),
             },
             train: TrainConfig {
                 lr: self.unet_lr.unwrap_or(self.lr),
@@ -302,7 +325,10 @@ pub fn train(opts: &TrainOptions) -> Result<String> {
     if opts.resume {
         resume(opts, &mut trainer, &ckpt_dir)?;
     }
-    let total = trainer.config.total_steps(data.len());
+    let total = trainer.total_steps(&Denoising::new(&sd, &cache, &trainer.config)?);
+    if let Some(b) = super::train_outputs::bucket_info(opts, &data) {
+        eprintln!("{}", b.0);
+    }
     let mut checkpoints = Checkpoints::new(ckpt_dir, opts.save_every.unwrap_or(total.max(1)));
     let mut metrics = MetricsCsv::create(opts.out.join("metrics.csv"), &trainer.history)?;
     let mut samples = Samples { opts, sd: &sd };
@@ -315,7 +341,7 @@ pub fn train(opts: &TrainOptions) -> Result<String> {
         &cache,
         &mut [&mut metrics, &mut progress, &mut samples, &mut checkpoints],
     )?;
-    write_outputs(opts, &sd, &trainer, data.len(), total)?;
+    super::train_outputs::write_outputs(opts, &sd, &trainer, &data, total)?;
     let last = trainer.history.last().map_or(f64::NAN, |r| r.loss);
     Ok(format!(
         "trained {} steps on {} images; last loss {last:.4}; wrote {}/lora.safetensors and lora_peft.safetensors",
@@ -424,63 +450,4 @@ impl StepHook for Samples<'_> {
         }
         Ok(())
     }
-}
-
-/// Loss curve, LoRA anatomy and both LoRA files (kohya with `ss_*` metadata, PEFT).
-fn write_outputs(
-    opts: &TrainOptions,
-    sd: &StableDiffusion,
-    trainer: &Trainer,
-    images: usize,
-    total: usize,
-) -> Result<()> {
-    let out = &opts.out;
-    if !trainer.history.is_empty() {
-        let fig = crate::plot::loss_curve(&trainer.history)?;
-        fig.save(out.join("loss.svg"))?;
-        fig.save(out.join("loss.png"))?;
-    }
-    let convs = sd
-        .unet
-        .adapted_layers()?
-        .iter()
-        .filter(|l| l.adapter.is_conv())
-        .count();
-    if convs > 0 {
-        eprintln!("note: anatomy.svg and spectrum.svg show the linear adapters; the {convs} conv adapters are not drawn");
-    }
-    let anatomy = crate::plot::LoraAnatomy::of(&sd.unet)?;
-    anatomy.heatmap()?.save(out.join("anatomy.svg"))?;
-    anatomy
-        .spectrum(&format!("rank {}", opts.lora.rank))?
-        .save(out.join("spectrum.svg"))?;
-    let c = &trainer.config;
-    let meta = KohyaTrainingMetadata {
-        learning_rate: c.lr,
-        text_encoder_lr: c
-            .train_text_encoder
-            .then(|| c.text_encoder_lr.unwrap_or(c.lr)),
-        num_epochs: c.epochs,
-        max_train_steps: total,
-        train_batch_size: c.batch_size,
-        gradient_accumulation_steps: c.grad_accum,
-        lr_scheduler: format!("{:?}", c.schedule),
-        lr_warmup_steps: c.warmup_steps,
-        seed: c.seed,
-        num_train_images: images,
-        resolution: (opts.data_config.width, opts.data_config.height),
-        min_snr_gamma: c.min_snr_gamma,
-        noise_offset: c.noise_offset,
-        caption_dropout_rate: c.caption_dropout,
-        save_precision: opts.save_dtype,
-    };
-    let kohya = out.join("lora.safetensors");
-    sd.save_lora(
-        kohya,
-        LoraFormat::Kohya,
-        opts.save_dtype,
-        &meta.to_metadata(),
-    )?;
-    let peft = out.join("lora_peft.safetensors");
-    sd.save_lora(peft, LoraFormat::Peft, opts.save_dtype, &Default::default())
 }

@@ -1,6 +1,7 @@
 //! Image-folder datasets: png / jpg / jpeg / webp files (optionally in sub-folders), captions
 //! (none, one fixed text, or kohya-style `<image>.txt` sidecars with a fallback), resized and
-//! cropped to the training resolution, optionally flipped, as tensors in [-1, 1].
+//! cropped to the training resolution or to their aspect-ratio bucket ([`buckets`]),
+//! optionally flipped, as tensors in [-1, 1].
 
 pub mod buckets;
 
@@ -52,6 +53,11 @@ pub struct DataConfig {
     pub recursive: bool,
     /// Skip unreadable files with a warning instead of failing. Default false.
     pub skip_bad_images: bool,
+    /// Aspect-ratio buckets (kohya's `--enable_bucket`): each image goes to the bucket of its
+    /// aspect ratio (area <= width x height; the config's `resolution` is replaced by these),
+    /// resized to cover it and centre-cropped by less than one step. Default None (every image
+    /// centre-cropped to width x height).
+    pub buckets: Option<buckets::BucketConfig>,
 }
 
 impl Default for DataConfig {
@@ -63,6 +69,7 @@ impl Default for DataConfig {
             captions: CaptionSource::Empty,
             recursive: false,
             skip_bad_images: false,
+            buckets: None,
         }
     }
 }
@@ -74,6 +81,10 @@ pub struct Example {
     /// `[3, H, W]` in [-1, 1], f32, unflipped.
     pub pixels: Tensor,
     pub caption: String,
+    /// The file's size (width, height) before resizing (SDXL's `original_size`).
+    pub original_size: (usize, usize),
+    /// (left, top) of the crop in the resized image (SDXL's `crop_coords_top_left`).
+    pub crop_top_left: (usize, usize),
 }
 
 /// A loaded image folder (the tutorial's `DanbooruDataset`, for any folder of images).
@@ -217,6 +228,28 @@ impl ImageFolder {
                 }
             );
         }
+        let bucketing = match &cfg.buckets {
+            Some(b) => {
+                let bc = buckets::BucketConfig {
+                    resolution: (cfg.width, cfg.height),
+                    ..*b
+                };
+                bc.validate()?;
+                let list = bc.buckets();
+                if !bc.no_upscale && list.is_empty() {
+                    bail!(
+                        "no bucket fits {}x{} between {} and {} px (lower --min-bucket-reso)",
+                        cfg.width,
+                        cfg.height,
+                        bc.min_reso,
+                        bc.max_reso
+                    );
+                }
+                Some((bc, list))
+            }
+            None => None,
+        };
+        let mut too_small: Vec<String> = Vec::new();
         let mut examples = Vec::new();
         let mut warnings = Vec::new();
         let mut skipped = 0;
@@ -237,7 +270,7 @@ impl ImageFolder {
             // grayscale, RGBA, 16-bit and CMYK-decoded JPEGs all end up as 8-bit RGB
             let rgb = img.to_rgb8();
             let (iw, ih) = rgb.dimensions();
-            if (iw as usize) < cfg.width || (ih as usize) < cfg.height {
+            if bucketing.is_none() && ((iw as usize) < cfg.width || (ih as usize) < cfg.height) {
                 warnings.push(format!(
                     "{} is {iw}x{ih}, upscaled to cover {}x{}",
                     p.display(),
@@ -245,7 +278,43 @@ impl ImageFolder {
                     cfg.height
                 ));
             }
-            let cropped = resize_and_crop(&rgb, cfg.width as u32, cfg.height as u32, (0.5, 0.5));
+            let (cropped, crop) = match &bucketing {
+                Some((bc, list)) => {
+                    let ch = bc.select((iw as usize, ih as usize), list);
+                    if ch.bucket.0 == 0 || ch.bucket.1 == 0 {
+                        if cfg.skip_bad_images {
+                            too_small.push(p.display().to_string());
+                            continue;
+                        }
+                        bail!(
+                            "{} is {iw}x{ih}: smaller than the bucket step {} (--skip-bad-images skips such images)",
+                            p.display(),
+                            bc.steps
+                        );
+                    }
+                    let (rw, rh) = (ch.resized.0 as u32, ch.resized.1 as u32);
+                    let resized = if (rw, rh) == (iw, ih) {
+                        rgb.clone()
+                    } else {
+                        image::imageops::resize(&rgb, rw, rh, FilterType::Lanczos3)
+                    };
+                    let (x, y) = ch.centre_crop();
+                    let (bw, bh) = (ch.bucket.0 as u32, ch.bucket.1 as u32);
+                    let img = image::imageops::crop_imm(&resized, x as u32, y as u32, bw, bh);
+                    (img.to_image(), (x, y))
+                }
+                None => {
+                    let (w, h) = (cfg.width as u32, cfg.height as u32);
+                    let scale = (w as f64 / iw as f64).max(h as f64 / ih as f64);
+                    let rw = ((iw as f64 * scale).round() as u32).max(w);
+                    let rh = ((ih as f64 * scale).round() as u32).max(h);
+                    let crop = (
+                        ((rw - w) as f64 * 0.5).round() as usize,
+                        ((rh - h) as f64 * 0.5).round() as usize,
+                    );
+                    (resize_and_crop(&rgb, w, h, (0.5, 0.5)), crop)
+                }
+            };
             let (caption, missing) = read_caption(&p, &cfg.captions)?;
             if missing {
                 no_sidecar.push(p.with_extension("txt"));
@@ -254,10 +323,18 @@ impl ImageFolder {
                 caption,
                 pixels: image_to_tensor(&cropped, &Device::Cpu)?,
                 path: p,
+                original_size: (iw as usize, ih as usize),
+                crop_top_left: crop,
             });
         }
         if skipped > 0 {
             warnings.push(format!("skipped {skipped} unreadable file(s)"));
+        }
+        if let Some(first) = too_small.first() {
+            warnings.push(format!(
+                "skipped {} image(s) smaller than the bucket step (first: {first})",
+                too_small.len()
+            ));
         }
         if let (Some(first), CaptionSource::Sidecar { fallback }) =
             (no_sidecar.first(), &cfg.captions)
@@ -284,6 +361,16 @@ impl ImageFolder {
 
     pub fn len(&self) -> usize {
         self.examples.len()
+    }
+
+    /// Images per (width, height) after resizing and cropping: the bucket histogram.
+    pub fn bucket_histogram(&self) -> std::collections::BTreeMap<(usize, usize), usize> {
+        let mut h = std::collections::BTreeMap::new();
+        for e in &self.examples {
+            let d = e.pixels.dims();
+            *h.entry((d[2], d[1])).or_insert(0) += 1;
+        }
+        h
     }
     pub fn is_empty(&self) -> bool {
         self.examples.is_empty()

@@ -173,9 +173,13 @@ impl Trainer {
         if n == 0 {
             bail!("the training set is empty");
         }
-        let total = self.config.total_steps(n);
+        let total = self.total_steps(objective);
+        let buckets = objective.buckets();
         while self.step < total {
-            let groups = self.epoch_plan(n);
+            let groups = match &buckets {
+                Some(b) => self.bucket_plan(b),
+                None => self.epoch_plan(n),
+            };
             for group in groups.iter().skip(self.group_pos) {
                 if self.step >= total {
                     break;

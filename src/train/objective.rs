@@ -23,6 +23,11 @@ pub trait Objective {
     /// The (differentiable, scalar) loss of examples `batch`, drawing any randomness from
     /// `rng`, the trainer's own stream (checkpointed, so a resumed run draws the same numbers).
     fn loss(&self, batch: &[usize], rng: &mut ChaCha12Rng) -> Result<Tensor>;
+    /// The bucket of each example when a batch must hold one bucket only (examples of
+    /// different shapes: aspect-ratio buckets). Default None: any examples can share a batch.
+    fn buckets(&self) -> Option<Vec<usize>> {
+        None
+    }
 }
 
 /// The denoising loss of `sd.unet` on cached latents and text embeddings: a random flip, a
@@ -131,5 +136,25 @@ impl Objective for Denoising<'_> {
 
     fn loss(&self, batch: &[usize], rng: &mut ChaCha12Rng) -> Result<Tensor> {
         self.loss_with(batch, rng)
+    }
+
+    /// Examples grouped by latent size (sorted sizes numbered 0, 1, ...), when there are
+    /// several.
+    fn buckets(&self) -> Option<Vec<usize>> {
+        let sizes: Vec<Vec<usize>> = self
+            .cache
+            .latents
+            .iter()
+            .map(|(m, _)| m.dims().to_vec())
+            .collect();
+        let mut distinct = sizes.clone();
+        distinct.sort();
+        distinct.dedup();
+        (distinct.len() > 1).then(|| {
+            sizes
+                .iter()
+                .map(|s| distinct.binary_search(s).unwrap_or(0))
+                .collect()
+        })
     }
 }

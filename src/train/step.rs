@@ -58,6 +58,57 @@ impl Trainer {
             .collect()
     }
 
+    /// Bucketed epochs (kohya's): each bucket's examples shuffled and cut into batches, the
+    /// batches shuffled, then grouped for accumulation. The order comes from the seed and the
+    /// epoch alone, so a resumed run rebuilds it exactly.
+    pub(crate) fn bucket_plan(&self, buckets: &[usize]) -> Vec<Vec<Vec<usize>>> {
+        use rand::SeedableRng;
+        let salt = (self.epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = rand_chacha::ChaCha12Rng::seed_from_u64(self.config.seed ^ salt);
+        let n_buckets = buckets.iter().max().map_or(0, |m| m + 1);
+        let mut batches: Vec<Vec<usize>> = Vec::new();
+        for b in 0..n_buckets {
+            let mut members: Vec<usize> = (0..buckets.len()).filter(|&i| buckets[i] == b).collect();
+            for i in (1..members.len()).rev() {
+                members.swap(i, rng.random_range(0..=i));
+            }
+            batches.extend(members.chunks(self.config.batch_size).map(|c| c.to_vec()));
+        }
+        for i in (1..batches.len()).rev() {
+            batches.swap(i, rng.random_range(0..=i));
+        }
+        batches
+            .chunks(self.config.grad_accum)
+            .map(|g| g.to_vec())
+            .collect()
+    }
+
+    /// Optimizer steps in one epoch of `objective` (bucketed: partial batches per bucket).
+    pub fn steps_per_epoch(&self, objective: &dyn Objective) -> usize {
+        match objective.buckets() {
+            None => self.config.steps_per_epoch(objective.len()),
+            Some(b) => {
+                let n = b.iter().max().map_or(0, |m| m + 1);
+                let batches: usize = (0..n)
+                    .map(|k| {
+                        b.iter()
+                            .filter(|x| **x == k)
+                            .count()
+                            .div_ceil(self.config.batch_size)
+                    })
+                    .sum();
+                batches.div_ceil(self.config.grad_accum.max(1))
+            }
+        }
+    }
+
+    /// Optimizer steps of the whole run on `objective` (`max_steps`, else epochs).
+    pub fn total_steps(&self, objective: &dyn Objective) -> usize {
+        self.config
+            .max_steps
+            .unwrap_or(self.config.epochs * self.steps_per_epoch(objective))
+    }
+
     /// Forward and backward over each micro-batch of `group`, gradients averaged, clipped to
     /// `max_grad_norm`, one AdamW update at the scheduled rate; records and returns the step.
     pub(crate) fn optimizer_step(

@@ -1,0 +1,127 @@
+//! What `sd-lora train` writes at the end of a run: loss curve, LoRA anatomy, both LoRA files
+//! with kohya's `ss_*` metadata (bucket histogram included).
+
+use anyhow::Result;
+
+use super::train::TrainOptions;
+use crate::data::ImageFolder;
+use crate::lora::io::KohyaTrainingMetadata;
+use crate::lora::{LoraFormat, LoraModel};
+use crate::pipeline::StableDiffusion;
+use crate::train::Trainer;
+
+/// Loss curve, LoRA anatomy and both LoRA files (kohya with `ss_*` metadata, PEFT).
+/// With buckets: a histogram line for the log, and kohya's `ss_*` bucket metadata.
+pub(crate) fn bucket_info(
+    opts: &TrainOptions,
+    data: &ImageFolder,
+) -> Option<(String, Vec<(String, String)>)> {
+    let b = opts.data_config.buckets.as_ref()?;
+    let hist = data.bucket_histogram();
+    let line = hist
+        .iter()
+        .map(|((w, h), n)| format!("{w}x{h}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let err: f64 = data
+        .examples
+        .iter()
+        .map(|e| {
+            let d = e.pixels.dims();
+            let (ow, oh) = e.original_size;
+            (d[2] as f64 / d[1] as f64 - ow as f64 / oh as f64).abs()
+        })
+        .sum::<f64>()
+        / data.len().max(1) as f64;
+    let mut buckets = serde_json::Map::new();
+    for (i, ((w, h), n)) in hist.iter().enumerate() {
+        buckets.insert(
+            i.to_string(),
+            serde_json::json!({"resolution": [w, h], "count": n}),
+        );
+    }
+    let info = serde_json::json!({"buckets": buckets, "mean_img_ar_error": err});
+    Some((
+        format!(
+            "buckets ({} images; mean aspect-ratio error {err:.4}): {line}",
+            data.len()
+        ),
+        vec![
+            ("ss_enable_bucket".into(), "True".into()),
+            ("ss_min_bucket_reso".into(), b.min_reso.to_string()),
+            ("ss_max_bucket_reso".into(), b.max_reso.to_string()),
+            ("ss_bucket_reso_steps".into(), b.steps.to_string()),
+            (
+                "ss_bucket_no_upscale".into(),
+                if b.no_upscale { "True" } else { "False" }.into(),
+            ),
+            ("ss_bucket_info".into(), info.to_string()),
+        ],
+    ))
+}
+
+/// Loss curve, LoRA anatomy and both LoRA files (kohya with `ss_*` metadata, PEFT).
+pub(crate) fn write_outputs(
+    opts: &TrainOptions,
+    sd: &StableDiffusion,
+    trainer: &Trainer,
+    data: &ImageFolder,
+    total: usize,
+) -> Result<()> {
+    let images = data.len();
+    let out = &opts.out;
+    if !trainer.history.is_empty() {
+        let fig = crate::plot::loss_curve(&trainer.history)?;
+        fig.save(out.join("loss.svg"))?;
+        fig.save(out.join("loss.png"))?;
+    }
+    let convs = sd
+        .unet
+        .adapted_layers()?
+        .iter()
+        .filter(|l| l.adapter.is_conv())
+        .count();
+    if convs > 0 {
+        eprintln!("note: anatomy.svg and spectrum.svg show the linear adapters; the {convs} conv adapters are not drawn");
+    }
+    let anatomy = crate::plot::LoraAnatomy::of(&sd.unet)?;
+    anatomy.heatmap()?.save(out.join("anatomy.svg"))?;
+    anatomy
+        .spectrum(&format!("rank {}", opts.lora.rank))?
+        .save(out.join("spectrum.svg"))?;
+    let c = &trainer.config;
+    let meta = KohyaTrainingMetadata {
+        learning_rate: c.lr,
+        text_encoder_lr: c
+            .train_text_encoder
+            .then(|| c.text_encoder_lr.unwrap_or(c.lr)),
+        num_epochs: c.epochs,
+        max_train_steps: total,
+        train_batch_size: c.batch_size,
+        gradient_accumulation_steps: c.grad_accum,
+        lr_scheduler: format!("{:?}", c.schedule),
+        lr_warmup_steps: c.warmup_steps,
+        seed: c.seed,
+        num_train_images: images,
+        resolution: (opts.data_config.width, opts.data_config.height),
+        min_snr_gamma: c.min_snr_gamma,
+        noise_offset: c.noise_offset,
+        caption_dropout_rate: c.caption_dropout,
+        save_precision: opts.save_dtype,
+    };
+    let kohya = out.join("lora.safetensors");
+    let mut meta = meta.to_metadata();
+    meta.insert(
+        "ss_enable_bucket".into(),
+        if opts.data_config.buckets.is_some() {
+            "True"
+        } else {
+            "False"
+        }
+        .into(),
+    );
+    meta.extend(bucket_info(opts, data).into_iter().flat_map(|b| b.1));
+    sd.save_lora(kohya, LoraFormat::Kohya, opts.save_dtype, &meta)?;
+    let peft = out.join("lora_peft.safetensors");
+    sd.save_lora(peft, LoraFormat::Peft, opts.save_dtype, &Default::default())
+}
