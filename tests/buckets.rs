@@ -78,8 +78,13 @@ fn images_are_cropped_to_their_bucket() {
         }),
         ..cfg.clone()
     };
-    let err = ImageFolder::load(tmp.path(), &no_up).unwrap_err().to_string();
-    assert!(err.contains("z_tiny.png") && err.contains("bucket step"), "{err}");
+    let err = ImageFolder::load(tmp.path(), &no_up)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("z_tiny.png") && err.contains("bucket step"),
+        "{err}"
+    );
     let skipped = ImageFolder::load(
         tmp.path(),
         &DataConfig {
@@ -89,7 +94,10 @@ fn images_are_cropped_to_their_bucket() {
     )
     .unwrap();
     assert_eq!(skipped.len(), sizes.len());
-    assert!(skipped.warnings.iter().any(|w| w.contains("skipped 1 image")));
+    assert!(skipped
+        .warnings
+        .iter()
+        .any(|w| w.contains("skipped 1 image")));
 }
 
 /// Records the batches it is asked for; the loss is a quadratic in one variable.
@@ -105,7 +113,9 @@ impl Objective for Recorder {
     }
     fn loss(&self, batch: &[usize], _: &mut ChaCha12Rng) -> Result<Tensor> {
         self.seen.borrow_mut().push(batch.to_vec());
-        Ok((self.w.as_tensor() * batch.len() as f64)?.sqr()?.sum_all()?)
+        Ok((self.w.as_tensor() * batch.len() as f64)?
+            .sqr()?
+            .sum_all()?)
     }
     fn buckets(&self) -> Option<Vec<usize>> {
         Some(self.buckets.clone())
@@ -141,7 +151,10 @@ fn batches_never_mix_buckets_and_cover_every_example_per_epoch() {
     assert_eq!(t.step, 18);
     let seen = obj.seen.borrow();
     for b in seen.iter() {
-        assert!(b.iter().all(|i| obj.buckets[*i] == obj.buckets[b[0]]), "mixed batch {b:?}");
+        assert!(
+            b.iter().all(|i| obj.buckets[*i] == obj.buckets[b[0]]),
+            "mixed batch {b:?}"
+        );
     }
     for epoch in seen.chunks(6) {
         let mut all: Vec<usize> = epoch.iter().flatten().copied().collect();
