@@ -589,6 +589,29 @@ fn locon_with_text_encoder_trains_resumes_bit_identically_and_writes_complete_fi
     );
 }
 
+/// Runs `straight` (4 steps) and `split` (2, then resumed to 4) with `opts`; asserts both LoRA
+/// files are bit-identical; returns the straight run's log.
+fn straight_and_split_runs_agree(s: &Setup, opts: &[&str]) -> String {
+    let run = |name: &str, steps: usize, every: &str, resume: bool| {
+        let mut e = opts.to_vec();
+        e.extend(["--save-every", every]);
+        if resume {
+            e.push("--resume");
+        }
+        ok(&sd_lora(&s.args(name, steps, &e)))
+    };
+    let log = run("straight", 4, "4", false);
+    run("split", 2, "2", false);
+    run("split", 4, "2", true);
+    for f in ["lora.safetensors", "lora_peft.safetensors"] {
+        assert!(
+            same_tensors(&s.out("straight").join(f), &s.out("split").join(f)),
+            "{f} differs after resume"
+        );
+    }
+    log
+}
+
 fn sd_lora_meta(p: &Path) -> std::collections::HashMap<String, String> {
     let bytes = std::fs::read(p).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -616,45 +639,22 @@ fn bucketed_training_runs_resumes_bit_identically_and_records_the_buckets() {
         .save(mixed.join(format!("{i}.png")))
         .unwrap();
     }
-    let extra = |every: &str, resume: bool| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "--data",
-            mixed.to_str().unwrap(),
-            "--resolution",
-            "64",
-            "--enable-bucket",
-            "--min-bucket-reso",
-            "32",
-            "--max-bucket-reso",
-            "128",
-            "--bucket-reso-steps",
-            "32",
-            "--save-every",
-            every,
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
-        if resume {
-            v.push("--resume".into());
-        }
-        v
-    };
-    let run = |name: &str, steps: usize, every: &str, resume: bool| {
-        let e = extra(every, resume);
-        let e: Vec<&str> = e.iter().map(|x| x.as_str()).collect();
-        ok(&sd_lora(&s.args(name, steps, &e)))
-    };
-    let log = run("straight", 4, "4", false);
+    let data = mixed.to_str().unwrap();
+    let opts = [
+        "--data",
+        data,
+        "--resolution",
+        "64",
+        "--enable-bucket",
+        "--min-bucket-reso",
+        "32",
+        "--max-bucket-reso",
+        "128",
+        "--bucket-reso-steps",
+        "32",
+    ];
+    let log = straight_and_split_runs_agree(&s, &opts);
     assert!(log.contains("buckets (5 images"), "{log}");
-    run("split", 2, "2", false);
-    run("split", 4, "2", true);
-    for f in ["lora.safetensors", "lora_peft.safetensors"] {
-        assert!(
-            same_tensors(&s.out("straight").join(f), &s.out("split").join(f)),
-            "{f} differs after a bucketed resume"
-        );
-    }
     let meta = sd_lora_meta(&s.out("straight").join("lora.safetensors"));
     assert_eq!(meta["ss_enable_bucket"], "True");
     let info: serde_json::Value = serde_json::from_str(&meta["ss_bucket_info"]).unwrap();
@@ -669,4 +669,55 @@ fn bucketed_training_runs_resumes_bit_identically_and_records_the_buckets() {
         &sd_lora(&s.args("bad", 1, &["--min-bucket-reso", "32"])),
         &["--enable-bucket"],
     );
+}
+
+#[test]
+fn kohya_folders_with_caption_processing_resume_bit_identically() {
+    let s = setup();
+    let root = s.runs.path().join("kohya");
+    for (dir, name, caption) in [
+        ("3_mychar", "a", Some("mychar, 1girl, red hair, smile")),
+        ("3_mychar", "b", None),
+        ("1_style", "c", Some("watercolor, 1girl, hat")),
+    ] {
+        let d = root.join(dir);
+        std::fs::create_dir_all(&d).unwrap();
+        image::RgbImage::from_fn(40, 40, |x, y| {
+            image::Rgb([(x * 5) as u8, (y * 3) as u8, 80])
+        })
+        .save(d.join(format!("{name}.png")))
+        .unwrap();
+        if let Some(c) = caption {
+            std::fs::write(d.join(format!("{name}.caption")), c).unwrap();
+        }
+    }
+    let data = root.to_str().unwrap();
+    straight_and_split_runs_agree(
+        &s,
+        &[
+            "--data",
+            data,
+            "--caption",
+            "sidecar",
+            "--caption-extension",
+            ".caption",
+            "--shuffle-caption",
+            "--keep-tokens",
+            "1",
+            "--caption-tag-dropout",
+            "0.2",
+        ],
+    );
+    let meta = sd_lora_meta(&s.out("straight").join("lora.safetensors"));
+    assert_eq!(meta["ss_num_train_images"], "7", "3 x 2 + 1 x 1");
+    let dirs: serde_json::Value = serde_json::from_str(&meta["ss_dataset_dirs"]).unwrap();
+    assert_eq!(dirs["3_mychar"]["n_repeats"], 3);
+    assert_eq!(dirs["3_mychar"]["img_count"], 2);
+    let tags: serde_json::Value = serde_json::from_str(&meta["ss_tag_frequency"]).unwrap();
+    assert_eq!(
+        tags["3_mychar"]["mychar"], 2,
+        "the fallback caption is the folder's name"
+    );
+    assert_eq!(meta["ss_shuffle_caption"], "True");
+    assert_eq!(meta["ss_keep_tokens"], "1");
 }

@@ -455,6 +455,8 @@ fn train_unet(
                 caption: s.caption(),
                 original_size: (d[2], d[1]),
                 crop_top_left: (0, 0),
+                repeats: 1,
+                dataset_dir: "scenes".into(),
             })
         })
         .collect::<Result<Vec<_>>>()?;

@@ -105,6 +105,19 @@ pub struct TrainArgs {
     /// Also read images in sub-folders.
     #[arg(long)]
     pub recursive: bool,
+    /// Extension of caption sidecars for `--caption sidecar` (kohya uses `.caption`).
+    #[arg(long, default_value = ".txt")]
+    pub caption_extension: String,
+    /// Shuffle each caption's comma-separated tags at every step (captions are then encoded
+    /// every step).
+    #[arg(long)]
+    pub shuffle_caption: bool,
+    /// Leading tags that shuffling and tag dropout leave in place (e.g. a trigger word).
+    #[arg(long, default_value_t = 0)]
+    pub keep_tokens: usize,
+    /// Drop each (not kept) tag with this probability at every step.
+    #[arg(long, default_value_t = 0.0, value_parser = probability, allow_negative_numbers = true)]
+    pub caption_tag_dropout: f64,
     /// Aspect-ratio buckets (kohya's): each image trains at the bucket of its aspect ratio
     /// (area <= the resolution's), each batch from one bucket.
     #[arg(long)]
@@ -246,6 +259,7 @@ impl TrainArgs {
                 captions: self.caption.clone(),
                 recursive: self.recursive,
                 skip_bad_images: self.skip_bad_images,
+                caption_extension: self.caption_extension.clone(),
                 buckets: self.enable_bucket.then_some(BucketConfig {
                     resolution: (self.resolution.width, self.resolution.height),
                     min_reso: self.min_bucket_reso,
@@ -270,6 +284,9 @@ impl TrainArgs {
                 min_snr_gamma: self.min_snr_gamma,
                 noise_offset: self.noise_offset,
                 caption_dropout: self.caption_dropout,
+                shuffle_caption: self.shuffle_caption,
+                keep_tokens: self.keep_tokens,
+                caption_tag_dropout: self.caption_tag_dropout,
                 seed: self.seed,
                 ..Default::default()
             },

@@ -10,7 +10,6 @@ use crate::lora::{LoraFormat, LoraModel};
 use crate::pipeline::StableDiffusion;
 use crate::train::Trainer;
 
-/// Loss curve, LoRA anatomy and both LoRA files (kohya with `ss_*` metadata, PEFT).
 /// With buckets: a histogram line for the log, and kohya's `ss_*` bucket metadata.
 pub(crate) fn bucket_info(
     opts: &TrainOptions,
@@ -60,6 +59,33 @@ pub(crate) fn bucket_info(
     ))
 }
 
+/// kohya's dataset entries: `ss_dataset_dirs`, `ss_tag_frequency`, caption processing.
+fn dataset_metadata(trainer: &Trainer, data: &ImageFolder) -> Vec<(String, String)> {
+    let dirs: serde_json::Map<String, serde_json::Value> = data
+        .dataset_dirs()
+        .into_iter()
+        .map(|(d, (repeats, n))| (d, serde_json::json!({"n_repeats": repeats, "img_count": n})))
+        .collect();
+    let c = &trainer.config;
+    let py_bool = |b: bool| if b { "True" } else { "False" }.to_string();
+    vec![
+        (
+            "ss_dataset_dirs".into(),
+            serde_json::Value::Object(dirs).to_string(),
+        ),
+        (
+            "ss_tag_frequency".into(),
+            serde_json::to_string(&data.tag_frequency()).unwrap_or_default(),
+        ),
+        ("ss_shuffle_caption".into(), py_bool(c.shuffle_caption)),
+        ("ss_keep_tokens".into(), c.keep_tokens.to_string()),
+        (
+            "ss_caption_tag_dropout_rate".into(),
+            c.caption_tag_dropout.to_string(),
+        ),
+    ]
+}
+
 /// Loss curve, LoRA anatomy and both LoRA files (kohya with `ss_*` metadata, PEFT).
 pub(crate) fn write_outputs(
     opts: &TrainOptions,
@@ -68,7 +94,6 @@ pub(crate) fn write_outputs(
     data: &ImageFolder,
     total: usize,
 ) -> Result<()> {
-    let images = data.len();
     let out = &opts.out;
     if !trainer.history.is_empty() {
         let fig = crate::plot::loss_curve(&trainer.history)?;
@@ -102,7 +127,7 @@ pub(crate) fn write_outputs(
         lr_scheduler: format!("{:?}", c.schedule),
         lr_warmup_steps: c.warmup_steps,
         seed: c.seed,
-        num_train_images: images,
+        num_train_images: data.items(),
         resolution: (opts.data_config.width, opts.data_config.height),
         min_snr_gamma: c.min_snr_gamma,
         noise_offset: c.noise_offset,
@@ -121,6 +146,7 @@ pub(crate) fn write_outputs(
         .into(),
     );
     meta.extend(bucket_info(opts, data).into_iter().flat_map(|b| b.1));
+    meta.extend(dataset_metadata(trainer, data));
     sd.save_lora(kohya, LoraFormat::Kohya, opts.save_dtype, &meta)?;
     let peft = out.join("lora_peft.safetensors");
     sd.save_lora(peft, LoraFormat::Peft, opts.save_dtype, &Default::default())

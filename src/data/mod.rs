@@ -4,6 +4,7 @@
 //! optionally flipped, as tensors in [-1, 1].
 
 pub mod buckets;
+pub mod kohya;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -58,6 +59,8 @@ pub struct DataConfig {
     /// resized to cover it and centre-cropped by less than one step. Default None (every image
     /// centre-cropped to width x height).
     pub buckets: Option<buckets::BucketConfig>,
+    /// Extension of caption sidecars (kohya's `--caption_extension`). Default `.txt`.
+    pub caption_extension: String,
 }
 
 impl Default for DataConfig {
@@ -70,6 +73,7 @@ impl Default for DataConfig {
             recursive: false,
             skip_bad_images: false,
             buckets: None,
+            caption_extension: ".txt".into(),
         }
     }
 }
@@ -85,6 +89,10 @@ pub struct Example {
     pub original_size: (usize, usize),
     /// (left, top) of the crop in the resized image (SDXL's `crop_coords_top_left`).
     pub crop_top_left: (usize, usize),
+    /// Times per epoch (kohya's `<repeats>_<name>` folders). 1 elsewhere.
+    pub repeats: usize,
+    /// The dataset folder's name (kohya's `10_mychar`, else the image folder's).
+    pub dataset_dir: String,
 }
 
 /// A loaded image folder (the tutorial's `DanbooruDataset`, for any folder of images).
@@ -99,6 +107,12 @@ pub struct ImageFolder {
 
 const EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
 
+fn is_image(p: &Path) -> bool {
+    p.extension()
+        .and_then(|x| x.to_str())
+        .is_some_and(|x| EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
+}
+
 fn list_images(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> Result<()> {
     let entries = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read image folder {}", dir.display()))?;
@@ -110,11 +124,7 @@ fn list_images(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> Result<()
             if recursive {
                 list_images(&p, recursive, out)?;
             }
-        } else if p
-            .extension()
-            .and_then(|x| x.to_str())
-            .is_some_and(|x| EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
-        {
+        } else if is_image(&p) {
             out.push(p);
         }
     }
@@ -179,12 +189,12 @@ pub fn tensor_to_image(t: &Tensor) -> Result<image::RgbImage> {
 }
 
 /// The caption of `path`, and whether a sidecar was expected but missing.
-fn read_caption(path: &Path, source: &CaptionSource) -> Result<(String, bool)> {
+fn read_caption(path: &Path, source: &CaptionSource, ext: &str) -> Result<(String, bool)> {
     Ok(match source {
         CaptionSource::Empty => (String::new(), false),
         CaptionSource::Fixed(t) => (t.clone(), false),
         CaptionSource::Sidecar { fallback } => {
-            let txt = path.with_extension("txt");
+            let txt = path.with_extension(ext.trim_start_matches('.'));
             if txt.is_file() {
                 let bytes = std::fs::read(&txt)
                     .with_context(|| format!("cannot read caption {}", txt.display()))?;
@@ -213,9 +223,53 @@ impl ImageFolder {
                 cfg.height
             );
         }
-        let mut paths = Vec::new();
-        list_images(dir, cfg.recursive, &mut paths)?;
-        paths.sort();
+        // (image, repeats, dataset folder name, caption of images without one)
+        let mut paths: Vec<(PathBuf, usize, String, Option<String>)> = Vec::new();
+        let mut layout_warnings = Vec::new();
+        match kohya::repeats_layout(dir)? {
+            Some((folders, ignored)) => {
+                for f in folders {
+                    let mut imgs = Vec::new();
+                    list_images(&f.path, cfg.recursive, &mut imgs)?;
+                    imgs.sort();
+                    if imgs.is_empty() {
+                        layout_warnings.push(format!("{} has no images", f.path.display()));
+                    }
+                    paths.extend(
+                        imgs.into_iter().map(|p| {
+                            (p, f.repeats, f.dir_name.clone(), Some(f.class_text.clone()))
+                        }),
+                    );
+                }
+                if !ignored.is_empty() {
+                    layout_warnings.push(format!(
+                        "ignored {} folder(s) not named <repeats>_<name>: {}",
+                        ignored.len(),
+                        ignored.join(", ")
+                    ));
+                }
+                let loose = std::fs::read_dir(dir)?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.is_file() && is_image(p))
+                    .count();
+                if loose > 0 {
+                    layout_warnings.push(format!(
+                        "ignored {loose} image(s) directly in {} (kohya's layout reads <repeats>_<name> folders only)",
+                        dir.display()
+                    ));
+                }
+            }
+            None => {
+                let mut imgs = Vec::new();
+                list_images(dir, cfg.recursive, &mut imgs)?;
+                imgs.sort();
+                let name = dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default();
+                paths.extend(imgs.into_iter().map(|p| (p, 1, name.clone(), None)));
+            }
+        }
         if paths.is_empty() {
             bail!(
                 "no images ({}) in {}{}",
@@ -251,10 +305,10 @@ impl ImageFolder {
         };
         let mut too_small: Vec<String> = Vec::new();
         let mut examples = Vec::new();
-        let mut warnings = Vec::new();
+        let mut warnings = layout_warnings;
         let mut skipped = 0;
         let mut no_sidecar: Vec<PathBuf> = Vec::new();
-        for p in paths {
+        for (p, repeats, dataset_dir, class_text) in paths {
             let img = match image::open(&p) {
                 Ok(i) => i,
                 Err(e) if cfg.skip_bad_images => {
@@ -315,9 +369,19 @@ impl ImageFolder {
                     (resize_and_crop(&rgb, w, h, (0.5, 0.5)), crop)
                 }
             };
-            let (caption, missing) = read_caption(&p, &cfg.captions)?;
-            if missing {
-                no_sidecar.push(p.with_extension("txt"));
+            // kohya's folders caption with their name text where nothing else is given
+            let source = match (&cfg.captions, &class_text) {
+                (CaptionSource::Empty, Some(t)) => CaptionSource::Fixed(t.clone()),
+                (CaptionSource::Sidecar { fallback }, Some(t)) if fallback.is_empty() => {
+                    CaptionSource::Sidecar {
+                        fallback: t.clone(),
+                    }
+                }
+                (c, _) => c.clone(),
+            };
+            let (caption, missing) = read_caption(&p, &source, &cfg.caption_extension)?;
+            if missing && class_text.is_none() {
+                no_sidecar.push(p.with_extension(cfg.caption_extension.trim_start_matches('.')));
             }
             examples.push(Example {
                 caption,
@@ -325,6 +389,8 @@ impl ImageFolder {
                 path: p,
                 original_size: (iw as usize, ih as usize),
                 crop_top_left: crop,
+                repeats,
+                dataset_dir,
             });
         }
         if skipped > 0 {
@@ -361,6 +427,36 @@ impl ImageFolder {
 
     pub fn len(&self) -> usize {
         self.examples.len()
+    }
+
+    /// Training items per epoch: every image times its folder's repeats.
+    pub fn items(&self) -> usize {
+        self.examples.iter().map(|e| e.repeats).sum()
+    }
+
+    /// kohya's `ss_dataset_dirs`: per dataset folder, its repeats and image count.
+    pub fn dataset_dirs(&self) -> std::collections::BTreeMap<String, (usize, usize)> {
+        let mut d = std::collections::BTreeMap::new();
+        for e in &self.examples {
+            d.entry(e.dataset_dir.clone()).or_insert((e.repeats, 0)).1 += 1;
+        }
+        d
+    }
+
+    /// kohya's `ss_tag_frequency`: per dataset folder, the tags of its captions and counts.
+    pub fn tag_frequency(
+        &self,
+    ) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, usize>> {
+        let mut out = std::collections::BTreeMap::new();
+        for (dir, _) in self.dataset_dirs() {
+            let caps = self
+                .examples
+                .iter()
+                .filter(|e| e.dataset_dir == dir)
+                .map(|e| e.caption.as_str());
+            out.insert(dir.clone(), kohya::tag_frequency(caps));
+        }
+        out
     }
 
     /// Images per (width, height) after resizing and cropping: the bucket histogram.

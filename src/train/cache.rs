@@ -35,6 +35,9 @@ pub struct LatentCache {
     pub empty: Tensor,
     /// Per example: its caption (encoded at every step when the text encoder trains).
     pub captions: Vec<String>,
+    /// The training items of an epoch: example indices, each repeated per its folder's
+    /// repeats (kohya's `<repeats>_<name>`); `0..n` without repeats.
+    pub items: Vec<usize>,
 }
 
 /// What [`LatentCache::build_cached`] did.
@@ -222,15 +225,22 @@ impl LatentCache {
                 embeddings,
                 empty,
                 captions,
+                items: data
+                    .examples
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, e)| std::iter::repeat_n(i, e.repeats.max(1)))
+                    .collect(),
             },
             stats,
         ))
     }
 
+    /// Training items per epoch (examples times their repeats).
     pub fn len(&self) -> usize {
-        self.latents.len()
+        self.items.len()
     }
     pub fn is_empty(&self) -> bool {
-        self.latents.is_empty()
+        self.items.is_empty()
     }
 }

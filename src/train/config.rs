@@ -92,6 +92,18 @@ pub struct TrainConfig {
     /// schedule from its own base rate). Default None = `lr`.
     #[serde(default)]
     pub text_encoder_lr: Option<f64>,
+    /// Shuffle each caption's comma-separated tags at every step (kohya's `shuffle_caption`;
+    /// captions are then encoded every step). Default false.
+    #[serde(default)]
+    pub shuffle_caption: bool,
+    /// Leading tags kept in place by shuffling and tag dropout (kohya's `keep_tokens`).
+    /// Default 0.
+    #[serde(default)]
+    pub keep_tokens: usize,
+    /// Probability of dropping each (not kept) tag at every step (kohya's
+    /// `caption_tag_dropout_rate`). Default 0.
+    #[serde(default)]
+    pub caption_tag_dropout: f64,
     pub seed: u64,
 }
 
@@ -116,6 +128,9 @@ impl Default for TrainConfig {
             caption_dropout: 0.0,
             train_text_encoder: false,
             text_encoder_lr: None,
+            shuffle_caption: false,
+            keep_tokens: 0,
+            caption_tag_dropout: 0.0,
             seed: 202509,
         }
     }
@@ -134,6 +149,12 @@ impl TrainConfig {
             if !(lr.is_finite() && lr > 0.0) {
                 anyhow::bail!("text encoder learning rate must be a positive number, got {lr}");
             }
+        }
+        if !(0.0..1.0).contains(&self.caption_tag_dropout) {
+            anyhow::bail!(
+                "caption tag dropout is a probability in [0, 1), got {}",
+                self.caption_tag_dropout
+            );
         }
         if !(0.0..1.0).contains(&self.caption_dropout) {
             anyhow::bail!(

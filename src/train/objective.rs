@@ -44,6 +44,11 @@ pub struct Denoising<'a> {
     /// Encode each batch's captions with the (trainable) text encoder instead of taking the
     /// cached embeddings.
     pub train_text_encoder: bool,
+    /// kohya's per-step caption processing (`shuffle_caption`, `keep_tokens`,
+    /// `caption_tag_dropout_rate`); when on, captions are encoded every step.
+    pub shuffle_caption: bool,
+    pub keep_tokens: usize,
+    pub caption_tag_dropout: f64,
 }
 
 impl<'a> Denoising<'a> {
@@ -56,6 +61,9 @@ impl<'a> Denoising<'a> {
             noise_offset: cfg.noise_offset,
             min_snr_gamma: cfg.min_snr_gamma,
             train_text_encoder: cfg.train_text_encoder,
+            shuffle_caption: cfg.shuffle_caption,
+            keep_tokens: cfg.keep_tokens,
+            caption_tag_dropout: cfg.caption_tag_dropout,
         })
     }
 
@@ -65,8 +73,15 @@ impl<'a> Denoising<'a> {
         let dev = &sd.device;
         let mut z = Vec::new();
         let mut ctx = Vec::new();
-        let mut captions: Vec<&str> = Vec::new();
-        for &i in idx {
+        let mut captions: Vec<String> = Vec::new();
+        let per_step =
+            self.train_text_encoder || self.shuffle_caption || self.caption_tag_dropout > 0.0;
+        for &item in idx {
+            // an item is an example, repeated per its folder's repeats
+            let i = *cache
+                .items
+                .get(item)
+                .with_context(|| format!("training item {item} is not in the latent cache"))?;
             let use_flip = !cache.flipped.is_empty() && rng.random_bool(0.5);
             let (m, lv) = if use_flip {
                 &cache.flipped[i]
@@ -77,11 +92,21 @@ impl<'a> Denoising<'a> {
             z.push((m + (lv.affine(0.5, 0.0)?.exp()? * eps)?)?);
             // drawn only when enabled, so runs without dropout keep their random stream
             let drop = self.caption_dropout > 0.0 && rng.random_bool(self.caption_dropout.min(1.0));
-            if self.train_text_encoder {
+            if per_step {
                 let c = cache.captions.get(i).with_context(|| {
-                    format!("the text encoder trains but the latent cache has no caption for example {i}")
+                    format!("captions are encoded per step but the latent cache has no caption for example {i}")
                 })?;
-                captions.push(if drop { "" } else { c.as_str() });
+                captions.push(if drop {
+                    String::new()
+                } else {
+                    crate::data::kohya::process_caption(
+                        c,
+                        self.shuffle_caption,
+                        self.keep_tokens,
+                        self.caption_tag_dropout,
+                        rng,
+                    )
+                });
                 continue;
             }
             let c = if drop {
@@ -92,8 +117,15 @@ impl<'a> Denoising<'a> {
             ctx.push(c.clone());
         }
         let x0 = sd.vae.scale_latents(&Tensor::stack(&z, 0)?)?;
-        let ctx = if self.train_text_encoder {
-            sd.encode_prompts(&captions)?
+        let ctx = if per_step {
+            let refs: Vec<&str> = captions.iter().map(|c| c.as_str()).collect();
+            let e = sd.encode_prompts(&refs)?;
+            // a frozen text encoder's output needs no graph
+            if self.train_text_encoder {
+                e
+            } else {
+                e.detach()
+            }
         } else {
             Tensor::stack(&ctx, 0)?
         };
@@ -143,8 +175,9 @@ impl Objective for Denoising<'_> {
     fn buckets(&self) -> Option<Vec<usize>> {
         let sizes: Vec<Vec<usize>> = self
             .cache
-            .latents
+            .items
             .iter()
+            .filter_map(|&i| self.cache.latents.get(i))
             .map(|(m, _)| m.dims().to_vec())
             .collect();
         let mut distinct = sizes.clone();
