@@ -252,22 +252,38 @@ fn sigkill_at_random_moments_then_resume_gives_the_identical_adapter() {
     let s = setup();
     ok(&sd_lora(&s.args("whole", 8, &["--save-every", "1"])));
     let args = s.args("killed", 8, &["--save-every", "1", "--resume"]);
-    // how long one uninterrupted run takes, to spread the kills over it
-    let t = std::time::Instant::now();
-    ok(&sd_lora(&s.args("timing", 8, &["--save-every", "1"])));
-    let span = t.elapsed().as_millis() as u64;
+    // steps logged so far (a run appends one metrics line per step)
+    let metrics = s.out("killed").join("metrics.csv");
+    let progress = || {
+        std::fs::read_to_string(&metrics)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
     let mut kills = 0;
     let mut finished = false;
     for i in 0..40u64 {
+        let start = progress();
+        let t = std::time::Instant::now();
         let mut child = Command::new(env!("CARGO_BIN_EXE_sd-lora"))
             .args(&args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        // a deterministic spread of moments over the run
-        let wait = (i * 7919 + 13) % span.max(1) / 2;
-        std::thread::sleep(std::time::Duration::from_millis(wait));
+        // even tries: a deterministic early moment (start-up, cache, the first step); odd
+        // tries: a deterministic moment after the run made one more step (mid-step, during a
+        // checkpoint write), so kills land whatever the machine's speed
+        if i % 2 == 0 {
+            std::thread::sleep(std::time::Duration::from_millis((i * 7919 + 13) % 40));
+        } else {
+            while progress() <= start
+                && child.try_wait().unwrap().is_none()
+                && t.elapsed().as_secs() < 60
+            {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            std::thread::sleep(std::time::Duration::from_millis((i * 13) % 20));
+        }
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL
             kills += 1;
@@ -288,7 +304,7 @@ fn sigkill_at_random_moments_then_resume_gives_the_identical_adapter() {
         ok(&sd_lora(&args));
     }
     assert!(kills >= 3, "only {kills} kills landed during a run");
-    eprintln!("{kills} SIGKILLs over a {span} ms run");
+    eprintln!("{kills} SIGKILLs before the run completed");
     for f in ["lora.safetensors", "lora_peft.safetensors"] {
         assert!(
             same_tensors(&s.out("whole").join(f), &s.out("killed").join(f)),
