@@ -51,18 +51,21 @@ fn open(file: &Path, opts: &SingleFileOptions) -> StableDiffusion {
     sd
 }
 
+/// The UNet's output on the reference file's inputs.
+fn unet_out(unet: &UNet2DConditionModel, r: &HashMap<String, Tensor>) -> Tensor {
+    unet.forward(
+        &r["unet.sample"],
+        &r["unet.timestep"],
+        &r["unet.encoder_hidden_states"],
+    )
+    .unwrap()
+}
+
 /// Image PSNR, UNet and text-encoder relative errors against a reference file.
 fn compare(sd: &StableDiffusion, r: &HashMap<String, Tensor>, unet_key: &str) -> (f64, f32, f32) {
     let lat = load("tiny_pipeline/reference.safetensors");
     let img = sd.generate(&pipeline_config(&lat["pipe.latents"])).unwrap();
-    let y = sd
-        .unet
-        .forward(
-            &r["unet.sample"],
-            &r["unet.timestep"],
-            &r["unet.encoder_hidden_states"],
-        )
-        .unwrap();
+    let y = unet_out(&sd.unet, r);
     let h = sd
         .text_encoder
         .forward(&r["text.ids"])
@@ -102,14 +105,7 @@ fn sd1_single_file_matches_diffusers_from_single_file() {
             ..opts.clone()
         },
     );
-    let y = ema
-        .unet
-        .forward(
-            &r["unet.sample"],
-            &r["unet.timestep"],
-            &r["unet.encoder_hidden_states"],
-        )
-        .unwrap();
+    let y = unet_out(&ema.unet, &r);
     let e = rel_err(&y, &r["unet.out_ema"]);
     assert!(e <= 1e-4, "EMA UNet {e}");
     assert!(rel_err(&y, &r["unet.out"]) > 1e-2);

@@ -550,13 +550,7 @@ fn locon_with_text_encoder_trains_resumes_bit_identically_and_writes_complete_fi
         "{te_ups:?}"
     );
     for k in &te_ups {
-        let m = kohya[*k]
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let m = common::max_abs(&kohya[*k]);
         assert!(m > 0.0, "{k} was not trained");
     }
     let conv_down = &kohya["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"];

@@ -304,21 +304,19 @@ pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
         train_text_encoder: cfg.train_text_encoder,
         ..Default::default()
     };
-    let mut vars = unet.lora_vars()?;
-    let mut groups = vec![0; vars.len()];
     let te = if cfg.train_text_encoder {
         let mut te = bench_text_encoder(&cfg.model, dt, dev)?;
         let s = te.inject_lora(&lora.for_text_encoder(TEXT_INJECTABLE), &VarMap::new())?;
         (trainable, total) = (trainable + s.trainable_params, total + s.total_params);
-        let te_vars = te.lora_vars()?;
-        groups.extend(std::iter::repeat_n(1, te_vars.len()));
-        vars.extend(te_vars);
         Some(te)
     } else {
         None
     };
-    let mut trainer = Trainer::for_vars(tcfg, vars)?;
-    trainer.optimizer.groups = groups;
+    let te_vars = match &te {
+        Some(te) => te.lora_vars()?,
+        None => Vec::new(),
+    };
+    let mut trainer = Trainer::for_var_groups(tcfg, vec![unet.lora_vars()?, te_vars])?;
     let ctx = ucfg.cross_dims()?[0];
     let (b, l) = (cfg.batch, cfg.latent);
     let ids = Tensor::rand(0f32, 49_000.0, (b, 77), dev)?

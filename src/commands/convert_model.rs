@@ -29,21 +29,18 @@ pub struct ConvertModelArgs {
 
 /// Converts and returns the one-line report.
 pub fn convert_model(a: &ConvertModelArgs) -> Result<String> {
-    let config = match &a.config {
-        Some(c) => Some(crate::io::resolve_model(&c.to_string_lossy(), None, None)?),
-        None => None,
-    };
-    if config.is_some() && a.prediction_type.is_some() {
+    if a.config.is_some() && a.prediction_type.is_some() {
         anyhow::bail!("--prediction-type with --config: the config's scheduler is copied as it is; edit it instead");
     }
     convert_to_diffusers(
         &a.file,
         &SingleFileOptions {
-            config,
+            config: a.config.clone(),
             vae: None,
             prediction_type: a.prediction_type.clone(),
             use_ema: a.use_ema,
-        },
+        }
+        .resolved(None)?,
         &a.out,
     )
 }

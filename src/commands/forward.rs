@@ -68,10 +68,7 @@ pub fn unet_forward(a: &UnetForwardArgs) -> Result<String> {
     };
     a.model.refuse_unused("unet-forward", allowed)?;
     let mut unet = if single {
-        let mut sf = a.model.single_file();
-        if let Some(c) = &sf.config {
-            sf.config = Some(crate::io::resolve_model(&c.to_string_lossy(), None, None)?);
-        }
+        let sf = a.model.single_file().resolved(None)?;
         crate::pipeline::single_file::load_unet(
             std::path::Path::new(&a.model.model),
             &sf,

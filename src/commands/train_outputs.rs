@@ -10,6 +10,11 @@ use crate::lora::{LoraFormat, LoraModel};
 use crate::pipeline::StableDiffusion;
 use crate::train::Trainer;
 
+/// Python's spelling of a bool, as kohya writes its metadata.
+fn py_bool(b: bool) -> String {
+    if b { "True" } else { "False" }.to_string()
+}
+
 /// With buckets: a histogram line for the log, and kohya's `ss_*` bucket metadata.
 pub(crate) fn bucket_info(
     opts: &TrainOptions,
@@ -46,36 +51,31 @@ pub(crate) fn bucket_info(
             data.len()
         ),
         vec![
-            ("ss_enable_bucket".into(), "True".into()),
             ("ss_min_bucket_reso".into(), b.min_reso.to_string()),
             ("ss_max_bucket_reso".into(), b.max_reso.to_string()),
             ("ss_bucket_reso_steps".into(), b.steps.to_string()),
-            (
-                "ss_bucket_no_upscale".into(),
-                if b.no_upscale { "True" } else { "False" }.into(),
-            ),
+            ("ss_bucket_no_upscale".into(), py_bool(b.no_upscale)),
             ("ss_bucket_info".into(), info.to_string()),
         ],
     ))
 }
 
 /// kohya's dataset entries: `ss_dataset_dirs`, `ss_tag_frequency`, caption processing.
-fn dataset_metadata(trainer: &Trainer, data: &ImageFolder) -> Vec<(String, String)> {
+fn dataset_metadata(trainer: &Trainer, data: &ImageFolder) -> Result<Vec<(String, String)>> {
     let dirs: serde_json::Map<String, serde_json::Value> = data
         .dataset_dirs()
         .into_iter()
         .map(|(d, (repeats, n))| (d, serde_json::json!({"n_repeats": repeats, "img_count": n})))
         .collect();
     let c = &trainer.config;
-    let py_bool = |b: bool| if b { "True" } else { "False" }.to_string();
-    vec![
+    Ok(vec![
         (
             "ss_dataset_dirs".into(),
             serde_json::Value::Object(dirs).to_string(),
         ),
         (
             "ss_tag_frequency".into(),
-            serde_json::to_string(&data.tag_frequency()).unwrap_or_default(),
+            serde_json::to_string(&data.tag_frequency())?,
         ),
         ("ss_shuffle_caption".into(), py_bool(c.shuffle_caption)),
         ("ss_keep_tokens".into(), c.keep_tokens.to_string()),
@@ -83,7 +83,7 @@ fn dataset_metadata(trainer: &Trainer, data: &ImageFolder) -> Vec<(String, Strin
             "ss_caption_tag_dropout_rate".into(),
             c.caption_tag_dropout.to_string(),
         ),
-    ]
+    ])
 }
 
 /// Loss curve, LoRA anatomy and both LoRA files (kohya with `ss_*` metadata, PEFT).
@@ -138,15 +138,10 @@ pub(crate) fn write_outputs(
     let mut meta = meta.to_metadata();
     meta.insert(
         "ss_enable_bucket".into(),
-        if opts.data_config.buckets.is_some() {
-            "True"
-        } else {
-            "False"
-        }
-        .into(),
+        py_bool(opts.data_config.buckets.is_some()),
     );
     meta.extend(bucket_info(opts, data).into_iter().flat_map(|b| b.1));
-    meta.extend(dataset_metadata(trainer, data));
+    meta.extend(dataset_metadata(trainer, data)?);
     sd.save_lora(kohya, LoraFormat::Kohya, opts.save_dtype, &meta)?;
     let peft = out.join("lora_peft.safetensors");
     sd.save_lora(peft, LoraFormat::Peft, opts.save_dtype, &Default::default())

@@ -3,7 +3,7 @@
 //! caption processing at every step (`--shuffle_caption` with `--keep_tokens`,
 //! `--caption_tag_dropout_rate`), and the `ss_tag_frequency` / `ss_dataset_dirs` metadata.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rand::Rng;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -60,10 +60,15 @@ pub type RepeatsLayout = Option<(Vec<RepeatsFolder>, Vec<String>)>;
 
 /// Detects kohya's layout in `root`.
 pub fn repeats_layout(root: &Path) -> Result<RepeatsLayout> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
+    let mut dirs = Vec::new();
+    for e in std::fs::read_dir(root).with_context(|| format!("cannot list {}", root.display()))? {
+        let p = e
+            .with_context(|| format!("cannot list {}", root.display()))?
+            .path();
+        if p.is_dir() {
+            dirs.push(p);
+        }
+    }
     dirs.sort();
     let mut found = Vec::new();
     let mut ignored = Vec::new();

@@ -248,10 +248,15 @@ impl ImageFolder {
                         ignored.join(", ")
                     ));
                 }
-                let loose = std::fs::read_dir(dir)?
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.is_file() && is_image(p))
-                    .count();
+                let mut loose = 0;
+                for e in std::fs::read_dir(dir)
+                    .with_context(|| format!("cannot list {}", dir.display()))?
+                {
+                    let p = e
+                        .with_context(|| format!("cannot list {}", dir.display()))?
+                        .path();
+                    loose += (p.is_file() && is_image(&p)) as usize;
+                }
                 if loose > 0 {
                     layout_warnings.push(format!(
                         "ignored {loose} image(s) directly in {} (kohya's layout reads <repeats>_<name> folders only)",

@@ -123,14 +123,13 @@ impl CheckpointHeader {
             tensors.insert(k.clone(), TensorInfo { dtype, shape });
         }
         ranges.sort();
-        for (start, end, k) in &ranges {
+        for (_, end, k) in &ranges {
             if *end > data_len {
                 bail!(
                     "{}: truncated or corrupt: tensor `{k}` ends at byte {end} of a {data_len}-byte data section (the first tensor past the end of the file)",
                     path.display()
                 );
             }
-            let _ = start;
         }
         for w in ranges.windows(2) {
             if w[1].0 < w[0].1 {

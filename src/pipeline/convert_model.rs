@@ -4,16 +4,16 @@
 //! or not at all (written beside it, then renamed).
 
 use anyhow::{bail, Context, Result};
-use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
+use candle_core::{safetensors::MmapedSafetensors, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use super::single_file::{SingleFileOptions, SingleFilePlan};
+use super::single_file::{records_of, SingleFileOptions, SingleFilePlan};
 use crate::io::write_safetensors_atomic;
 use crate::text::ClipTextModel;
 use crate::unet::UNet2DConditionModel;
 use crate::vae::AutoencoderKL;
-use crate::weights::{Remap, WeightSource};
+use crate::weights::Remap;
 
 /// A folder removed on drop unless kept (a failed conversion leaves nothing behind).
 struct TempDir(std::path::PathBuf, bool);
@@ -49,27 +49,14 @@ type Part<'a> = (
     &'a str,
     &'a str,
     &'a HashMap<String, Remap>,
-    BTreeMap<String, Vec<usize>>,
+    Vec<(String, Vec<usize>)>,
 );
-
-/// Our keys and shapes of a model built by `build`.
-fn shapes_of(
-    build: impl FnOnce(&WeightSource) -> Result<()>,
-) -> Result<BTreeMap<String, Vec<usize>>> {
-    let ws = WeightSource::meta(DType::F32);
-    build(&ws)?;
-    Ok(ws
-        .records()
-        .into_iter()
-        .map(|r| (r.path, r.shape.dims().to_vec()))
-        .collect())
-}
 
 /// Reads every tensor of `map` from `st` under our key, in the file's dtype and our shape.
 fn gather(
     st: &MmapedSafetensors,
     map: &HashMap<String, Remap>,
-    shapes: &BTreeMap<String, Vec<usize>>,
+    shapes: &[(String, Vec<usize>)],
     file: &Path,
 ) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
@@ -147,19 +134,19 @@ pub fn convert_to_diffusers(file: &Path, opts: &SingleFileOptions, out: &Path) -
             "unet",
             "diffusion_pytorch_model.safetensors",
             &plan.unet_map,
-            shapes_of(|ws| UNet2DConditionModel::new(&plan.unet, ws).map(|_| ()))?,
+            records_of(|ws| UNet2DConditionModel::new(&plan.unet, ws).map(|_| ()))?,
         ),
         (
             "vae",
             "diffusion_pytorch_model.safetensors",
             &plan.vae_map,
-            shapes_of(|ws| AutoencoderKL::new(&plan.vae, ws).map(|_| ()))?,
+            records_of(|ws| AutoencoderKL::new(&plan.vae, ws).map(|_| ()))?,
         ),
         (
             "text_encoder",
             "model.safetensors",
             &plan.text_map,
-            shapes_of(|ws| ClipTextModel::new(&plan.text, ws).map(|_| ()))?,
+            records_of(|ws| ClipTextModel::new(&plan.text, ws).map(|_| ()))?,
         ),
     ];
     let mut count = 0;

@@ -88,17 +88,7 @@ impl StableDiffusion {
                     file.display()
                 );
             }
-            let sf = single_file::SingleFileOptions {
-                config: match &sf.config {
-                    Some(c) => Some(resolve_model(
-                        &c.to_string_lossy(),
-                        None,
-                        opts.cache_dir.as_deref(),
-                    )?),
-                    None => None,
-                },
-                ..sf.clone()
-            };
+            let sf = sf.resolved(opts.cache_dir.as_deref())?;
             let (sd, report) = Self::from_single_file(file, &sf, opts.dtype, &opts.device)?;
             eprintln!("{report}");
             return Ok(sd);
@@ -115,9 +105,7 @@ impl StableDiffusion {
             sd.vae = single_file::load_vae(v, &sd.vae.config, opts.dtype, &opts.device)?;
         }
         if let Some(p) = &sf.prediction_type {
-            if !matches!(p.as_str(), "epsilon" | "v_prediction") {
-                anyhow::bail!("prediction type `{p}`: expected epsilon or v_prediction");
-            }
+            single_file::check_prediction_type(p)?;
             sd.scheduler_config.prediction_type = p.clone();
         }
         Ok(sd)

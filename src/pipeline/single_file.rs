@@ -38,6 +38,25 @@ pub struct SingleFileOptions {
     pub use_ema: bool,
 }
 
+impl SingleFileOptions {
+    /// These options with `config` resolved to a local folder (a Hub id is looked up in the
+    /// cache at `cache_dir`, or the default one).
+    pub fn resolved(&self, cache_dir: Option<&Path>) -> Result<Self> {
+        let config = match &self.config {
+            Some(c) => Some(crate::io::resolve_model(
+                &c.to_string_lossy(),
+                None,
+                cache_dir,
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            config,
+            ..self.clone()
+        })
+    }
+}
+
 /// What was read from the file and what was set aside.
 #[derive(Debug, Clone)]
 pub struct SingleFileReport {
@@ -85,11 +104,25 @@ impl std::fmt::Display for SingleFileReport {
     }
 }
 
-/// Our keys of a model built by `build` (from a shape-only source).
-fn keys_of(build: impl FnOnce(&WeightSource) -> Result<()>) -> Result<Vec<String>> {
+/// Our keys and shapes of a model built by `build` from a shape-only source (no weights).
+pub(crate) fn records_of(
+    build: impl FnOnce(&WeightSource) -> Result<()>,
+) -> Result<Vec<(String, Vec<usize>)>> {
     let ws = WeightSource::meta(DType::F32);
     build(&ws)?;
-    Ok(ws.records().into_iter().map(|r| r.path).collect())
+    Ok(ws
+        .records()
+        .into_iter()
+        .map(|r| (r.path, r.shape.dims().to_vec()))
+        .collect())
+}
+
+/// Refuses a prediction type the schedulers do not know.
+pub fn check_prediction_type(p: &str) -> Result<()> {
+    if !matches!(p, "epsilon" | "v_prediction") {
+        bail!("prediction type `{p}`: expected epsilon or v_prediction");
+    }
+    Ok(())
 }
 
 /// `model.diffusion_model.a.b` -> `model_ema.diffusion_modelab` (LDM's EMA naming).
@@ -101,9 +134,9 @@ fn ema_key(key: &str) -> String {
 /// The remap for a VAE stored under `prefix` in LDM layout.
 fn vae_remap(cfg: &VaeConfig, prefix: &str) -> Result<HashMap<String, Remap>> {
     let n = cfg.block_out_channels.len();
-    keys_of(|ws| AutoencoderKL::new(cfg, ws).map(|_| ()))?
+    records_of(|ws| AutoencoderKL::new(cfg, ws).map(|_| ()))?
         .into_iter()
-        .map(|k| {
+        .map(|(k, _)| {
             let l =
                 vae_ldm_key(&k, n).with_context(|| format!("VAE tensor `{k}` has no LDM name"))?;
             Ok((k, Remap::key(format!("{prefix}{l}"))))
@@ -111,13 +144,16 @@ fn vae_remap(cfg: &VaeConfig, prefix: &str) -> Result<HashMap<String, Remap>> {
         .collect()
 }
 
-/// Loads a VAE given as a diffusers folder or a `.safetensors` file of any layout.
+/// Loads a VAE given as a diffusers folder (its own config) or a `.safetensors` file of any
+/// layout (read with `cfg`, the pipeline's VAE architecture; a file that does not fit it is
+/// refused naming the tensor).
 pub fn load_vae(
     path: &Path,
     cfg: &VaeConfig,
     dtype: DType,
     device: &Device,
 ) -> Result<AutoencoderKL> {
+    let what = || format!("loading the VAE from {}", path.display());
     if path.is_dir() {
         // a folder holding only the fp16 variant is read as such
         let dir = crate::weights::component_dir(path, "vae");
@@ -125,20 +161,26 @@ pub fn load_vae(
             && dir
                 .join("diffusion_pytorch_model.fp16.safetensors")
                 .is_file();
-        return AutoencoderKL::load(path, only_fp16.then_some("fp16"), dtype, device);
+        let vae = AutoencoderKL::load(path, only_fp16.then_some("fp16"), dtype, device)?;
+        if vae.config.latent_channels != cfg.latent_channels {
+            bail!(
+                "{}: a VAE with {} latent channels for a UNet that takes {}",
+                path.display(),
+                vae.config.latent_channels,
+                cfg.latent_channels
+            );
+        }
+        return Ok(vae);
     }
+    // a file: the pipeline's VAE architecture, read in whichever layout the file uses
     let h = CheckpointHeader::read(path)?;
     let ws = if h.has("encoder.down_blocks.0.resnets.0.conv1.weight") {
         WeightSource::from_safetensors(&[path.to_path_buf()], dtype, device)?
     } else {
         let prefix = if h.any_prefix(VAE) { VAE } else { "" };
-        let cfg = infer_vae_config(&h, prefix).unwrap_or_else(|_| cfg.clone());
-        let ws =
-            WeightSource::from_safetensors_remapped(path, vae_remap(&cfg, prefix)?, dtype, device)?;
-        return AutoencoderKL::new(&cfg, &ws)
-            .with_context(|| format!("loading the VAE from {}", path.display()));
+        WeightSource::from_safetensors_remapped(path, vae_remap(cfg, prefix)?, dtype, device)?
     };
-    AutoencoderKL::new(cfg, &ws).with_context(|| format!("loading the VAE from {}", path.display()))
+    AutoencoderKL::new(cfg, &ws).with_context(what)
 }
 
 /// Whether `dir` holds a tokenizer vocabulary.
@@ -210,17 +252,11 @@ impl SingleFilePlan {
             (None, None, Family::Sd2) => scheduler.prediction_type = "v_prediction".into(),
             _ => {}
         }
-        if !matches!(
-            scheduler.prediction_type.as_str(),
-            "epsilon" | "v_prediction"
-        ) {
-            bail!(
-                "prediction type `{}`: expected epsilon or v_prediction",
-                scheduler.prediction_type
-            );
-        }
-        let meta_unet = UNet2DConditionModel::meta(&unet)?;
-        let unet_keys = keys_of(|ws| UNet2DConditionModel::new(&unet, ws).map(|_| ()))?;
+        check_prediction_type(&scheduler.prediction_type)?;
+        // one shape-only UNet gives both our keys and the block layout LDM names follow
+        let ws = WeightSource::meta(DType::F32);
+        let meta_unet = UNet2DConditionModel::new(&unet, &ws)?;
+        let unet_keys: Vec<String> = ws.records().into_iter().map(|r| r.path).collect();
         let mut unet_map = HashMap::new();
         for (ours, ldm) in ldm_keys(&meta_unet, &unet_keys)? {
             let key = format!("{UNET}{ldm}");
@@ -237,9 +273,9 @@ impl SingleFilePlan {
             Family::Sd1 => ClipLayout::Transformers,
             Family::Sd2 => ClipLayout::OpenClip,
         };
-        let text_map = keys_of(|ws| ClipTextModel::new(&text, ws).map(|_| ()))?
+        let text_map = records_of(|ws| ClipTextModel::new(&text, ws).map(|_| ()))?
             .into_iter()
-            .map(|k| {
+            .map(|(k, _)| {
                 let mut r = clip_ldm_key(&k, layout, text.hidden_size).with_context(|| {
                     format!("text encoder tensor `{k}` has no single-file name")
                 })?;
@@ -324,27 +360,26 @@ impl StableDiffusion {
             crate::device::tune_cpu_allocator();
             crate::device::tune_cpu_threads();
         }
-        let plan = SingleFilePlan::new(path, opts)?;
-        let ws = |m: &HashMap<String, Remap>| {
-            WeightSource::from_safetensors_remapped(path, m.clone(), dtype, device)
+        let mut plan = SingleFilePlan::new(path, opts)?;
+        let report = plan.report(opts);
+        let ws = |m: &mut HashMap<String, Remap>| {
+            WeightSource::from_safetensors_remapped(path, std::mem::take(m), dtype, device)
         };
         let ctx = |what: &str| format!("loading the {what} from {}", path.display());
-        let unet = UNet2DConditionModel::new(&plan.unet, &ws(&plan.unet_map)?)
+        let unet = UNet2DConditionModel::new(&plan.unet, &ws(&mut plan.unet_map)?)
             .with_context(|| ctx("UNet"))?;
-        let text_encoder = ClipTextModel::new(&plan.text, &ws(&plan.text_map)?)
+        let text_encoder = ClipTextModel::new(&plan.text, &ws(&mut plan.text_map)?)
             .with_context(|| ctx("text encoder"))?;
         let vae = match &opts.vae {
             Some(v) => load_vae(v, &plan.vae, dtype, device)?,
-            None => {
-                AutoencoderKL::new(&plan.vae, &ws(&plan.vae_map)?).with_context(|| ctx("VAE"))?
-            }
+            None => AutoencoderKL::new(&plan.vae, &ws(&mut plan.vae_map)?)
+                .with_context(|| ctx("VAE"))?,
         };
         let mut tokenizer = load_tokenizer(&plan.tokenizer_dir)?;
         if plan.family == Family::Sd2 && opts.config.is_none() {
             // SD 2.x's tokenizer pads with "!" (id 0), not the end-of-text token
             tokenizer = tokenizer.with_pad_token("!")?;
         }
-        let report = plan.report(opts);
         Ok((
             Self {
                 tokenizer,
@@ -364,10 +399,11 @@ impl StableDiffusion {
     }
 }
 
-/// Whether `model` names a single-file checkpoint (an existing `.safetensors` file).
+/// Whether `model` names a single-file checkpoint: an existing file other than a `config.json`
+/// (a pickle is then refused by [`CheckpointHeader::read`] with its reason).
 pub fn is_single_file(model: &str) -> bool {
     let p = Path::new(model);
-    p.is_file() && p.extension().is_some_and(|e| e == "safetensors")
+    p.is_file() && p.extension().is_none_or(|e| e != "json")
 }
 
 /// The UNet and text-encoder configs of `model`: inferred from a single file's shapes, else
@@ -400,8 +436,9 @@ pub fn load_unet(
     dtype: DType,
     device: &Device,
 ) -> Result<UNet2DConditionModel> {
-    let plan = SingleFilePlan::new(path, opts)?;
-    let ws = WeightSource::from_safetensors_remapped(path, plan.unet_map.clone(), dtype, device)?;
+    let mut plan = SingleFilePlan::new(path, opts)?;
+    let map = std::mem::take(&mut plan.unet_map);
+    let ws = WeightSource::from_safetensors_remapped(path, map, dtype, device)?;
     UNet2DConditionModel::new(&plan.unet, &ws)
         .with_context(|| format!("loading the UNet from {}", path.display()))
 }

@@ -78,23 +78,41 @@ impl Trainer {
     /// `sd.text_encoder` when `config.train_text_encoder` (named `text_encoder.<var>`, trained
     /// at `config.text_encoder_lr`).
     pub fn new(sd: &StableDiffusion, config: TrainConfig) -> Result<Self> {
-        let mut vars = sd.unet.lora_vars()?;
-        let mut groups = vec![0; vars.len()];
+        let mut te = Vec::new();
         if config.train_text_encoder {
-            let te = sd.text_encoder.lora_vars()?;
+            te = sd.text_encoder.lora_vars()?;
             if te.is_empty() {
                 bail!(
                     "train_text_encoder is set but the text encoder has no LoRA adapters: inject them first (sd.text_encoder.inject_lora(&cfg.for_text_encoder(TEXT_INJECTABLE), ..))"
                 );
             }
-            groups.extend(std::iter::repeat_n(1, te.len()));
-            vars.extend(
-                te.into_iter()
-                    .map(|(n, v)| (format!("text_encoder.{n}"), v)),
+        }
+        let te = te
+            .into_iter()
+            .map(|(n, v)| (format!("text_encoder.{n}"), v))
+            .collect();
+        Self::for_var_groups(config, vec![sd.unet.lora_vars()?, te])
+    }
+
+    /// A trainer for parameter groups: group 0 at `config.lr`, group 1 at
+    /// `config.text_encoder_lr` (see [`TrainConfig::group_lrs`]).
+    pub fn for_var_groups(
+        config: TrainConfig,
+        groups: Vec<Vec<(String, candle_core::Var)>>,
+    ) -> Result<Self> {
+        if groups.len() > 2 {
+            bail!(
+                "{} parameter groups; the schedule has rates for 2",
+                groups.len()
             );
         }
-        let mut t = Self::for_vars(config, vars)?;
-        t.optimizer.groups = groups;
+        let ids: Vec<usize> = groups
+            .iter()
+            .enumerate()
+            .flat_map(|(g, v)| std::iter::repeat_n(g, v.len()))
+            .collect();
+        let mut t = Self::for_vars(config, groups.into_iter().flatten().collect())?;
+        t.optimizer.groups = ids;
         Ok(t)
     }
 
