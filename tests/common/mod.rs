@@ -18,18 +18,10 @@ pub fn load(path: &str) -> HashMap<String, Tensor> {
 
 /// max|a - b|.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    max_abs(&(a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap())
 }
 
 /// max|t|.
-#[allow(dead_code)]
 pub fn max_abs(t: &Tensor) -> f32 {
     t.to_dtype(DType::F32)
         .unwrap()
@@ -44,23 +36,8 @@ pub fn max_abs(t: &Tensor) -> f32 {
 /// max|a - b| / max|b|.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    let diff = (a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(a, b);
+    let scale = max_abs(b);
     diff / scale.max(1e-12)
 }
 
