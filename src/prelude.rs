@@ -19,8 +19,8 @@ pub use crate::tiny::metrics::{dominant_colour, mean_style_score, style_score, S
 pub use crate::tiny::scenes::{scenes, write_dataset, Look, Scene};
 pub use crate::tiny::tiny_model_dir;
 pub use crate::train::{
-    AdamW, Checkpoints, LatentCache, LrSchedule, Objective, Progress, ProgressMode, StepHook,
-    StepRecord, TrainConfig, Trainer,
+    AdamW, Checkpoints, ClassImages, Denoising, LatentCache, LrSchedule, Objective,
+    PriorPreservation, Progress, ProgressMode, StepHook, StepRecord, TrainConfig, Trainer,
 };
 pub use crate::unet::{UNet2DConditionModel, UNetConfig};
 pub use crate::vae::AutoencoderKL;

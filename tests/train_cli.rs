@@ -60,6 +60,12 @@ impl Setup {
         a.push(steps.to_string());
         // options in `extra` replace the defaults above
         for opt in extra.iter().filter(|o| o.starts_with("--")) {
+            // the instance prompt is the caption
+            let opt = if *opt == "--instance-prompt" {
+                "--caption"
+            } else {
+                opt
+            };
             if let Some(i) = a.iter().position(|x| x == opt) {
                 a.drain(i..i + 2);
             }
@@ -730,4 +736,52 @@ fn kohya_folders_with_caption_processing_resume_bit_identically() {
     );
     assert_eq!(meta["ss_shuffle_caption"], "True");
     assert_eq!(meta["ss_keep_tokens"], "1");
+}
+
+#[test]
+fn dreambooth_generates_class_images_once_and_resumes_bit_identically() {
+    let s = setup();
+    let class = s.runs.path().join("class");
+    let opts = [
+        "--instance-prompt",
+        "a photo of sks circle",
+        "--class-data",
+        class.to_str().unwrap(),
+        "--class-prompt",
+        "a photo of a circle",
+        "--num-class-images",
+        "3",
+        "--class-steps",
+        "2",
+        "--prior-loss-weight",
+        "0.5",
+    ];
+    let log = straight_and_split_runs_agree(&s, &opts);
+    assert!(log.contains("generating 3 more"), "{log}");
+    assert!(
+        log.contains("prior preservation: 3 class images") && log.contains("0 there before"),
+        "{log}"
+    );
+    assert!(log.contains("class images' latent cache: 3 images encoded"), "{log}");
+    // made once: the split and resumed runs found them
+    assert_eq!(sd_lora::data::image_paths(&class).unwrap().len(), 3);
+    let meta = sd_lora_meta(&s.out("split").join("lora.safetensors"));
+    assert_eq!(meta["ss_num_reg_images"], "3");
+    assert_eq!(meta["ss_prior_loss_weight"], "0.5");
+    let reg: serde_json::Value = serde_json::from_str(&meta["ss_reg_dataset_dirs"]).unwrap();
+    assert_eq!(reg["class"]["img_count"], 3, "{reg}");
+    assert!(meta["ss_tag_frequency"].contains("a photo of sks circle"));
+    // bad combinations name the flags
+    let class_arg = class.to_str().unwrap();
+    fails_with(
+        &sd_lora(&s.args("bad", 1, &["--class-data", class_arg])),
+        &["--class-prompt"],
+    );
+    fails_with(
+        &sd_lora(&s.args("bad", 1, &["--prior-loss-weight", "2"])),
+        &["--class-data"],
+    );
+    let mut both = s.args("bad", 1, &["--instance-prompt", "sks"]);
+    both.extend(["--caption".into(), "x".into()]);
+    fails_with(&sd_lora(&both), &["--instance-prompt", "--caption"]);
 }

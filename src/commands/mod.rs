@@ -17,6 +17,7 @@ pub mod plot;
 pub mod pretrain;
 pub mod train;
 pub mod train_outputs;
+pub mod train_dreambooth;
 
 use clap::{Parser, Subcommand};
 

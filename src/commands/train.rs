@@ -14,6 +14,7 @@ use crate::data::{CaptionSource, DataConfig, ImageFolder};
 use crate::lora::{LoraConfig, LoraModel};
 use crate::pipeline::{GenerateConfig, LoadOptions, StableDiffusion};
 use crate::train::{checkpoint, Checkpoints, Denoising, LatentCache, LrSchedulerKind, MetricsCsv};
+use crate::train::{Objective, PriorPreservation};
 use crate::train::{Progress, StepHook, StepRecord, TrainConfig, Trainer};
 
 /// `--network`: the kind of adapter trained.
@@ -178,6 +179,8 @@ pub struct TrainArgs {
     /// Do not keep the VAE latents / text embeddings in RUN_DIR/cache.
     #[arg(long)]
     pub no_disk_cache: bool,
+    #[command(flatten)]
+    pub dreambooth: super::train_dreambooth::DreamBoothArgs,
 }
 
 fn caption_source(s: &str) -> Result<CaptionSource, std::convert::Infallible> {
@@ -210,6 +213,8 @@ pub struct TrainOptions {
     pub save_dtype: DType,
     /// Keep latents and text embeddings in `RUN_DIR/cache/` for the next run.
     pub disk_cache: bool,
+    /// DreamBooth prior preservation: class images and the prior loss's weight (None = off).
+    pub prior: Option<super::train_dreambooth::PriorOptions>,
 }
 
 /// Samples during training: every `every` optimizer steps and at the end, one image per prompt
@@ -256,7 +261,7 @@ impl TrainArgs {
                 width: self.resolution.width,
                 height: self.resolution.height,
                 flip: !self.no_flip,
-                captions: self.caption.clone(),
+                captions: self.dreambooth.captions().unwrap_or(self.caption.clone()),
                 recursive: self.recursive,
                 skip_bad_images: self.skip_bad_images,
                 caption_extension: self.caption_extension.clone(),
@@ -299,6 +304,11 @@ impl TrainArgs {
             }),
             save_dtype: self.save_dtype.into(),
             disk_cache: !self.no_disk_cache,
+            prior: self.dreambooth.prior(
+                self.resolution.width,
+                self.resolution.height,
+                self.seed,
+            ),
         })
     }
 }
@@ -322,6 +332,8 @@ pub fn train(opts: &TrainOptions) -> Result<String> {
         cache_dir: None,
         single_file: opts.single_file.clone(),
     })?;
+    // class images come from the base model, before any LoRA
+    let class = super::train_dreambooth::class_data(opts, &sd)?;
     eprintln!("{}", sd.unet.inject_lora(&opts.lora, &VarMap::new())?);
     if let Some(te) = &opts.text_encoder_lora {
         anyhow::ensure!(
@@ -336,13 +348,26 @@ pub fn train(opts: &TrainOptions) -> Result<String> {
             "train.train_text_encoder is on but no text-encoder LoRA config is given"
         );
     }
-    let cache = build_cache(opts, &sd, &data)?;
+    let cache = build_cache(opts, &sd, &data, "")?;
+    let class_cache = match &class {
+        Some(c) => Some(build_cache(opts, &sd, c, "class images' ")?),
+        None => None,
+    };
     let mut trainer = Trainer::new(&sd, opts.train.clone())?;
     let ckpt_dir = opts.out.join("checkpoints");
     if opts.resume {
         resume(opts, &mut trainer, &ckpt_dir)?;
     }
-    let total = trainer.total_steps(&Denoising::new(&sd, &cache, &trainer.config)?);
+    let denoising = Denoising::new(&sd, &cache, &trainer.config)?;
+    let objective: Box<dyn Objective> = match (&class_cache, &opts.prior) {
+        (Some(cc), Some(p)) => Box::new(PriorPreservation {
+            instance: denoising,
+            class: cc,
+            prior_loss_weight: p.prior_loss_weight,
+        }),
+        _ => Box::new(denoising),
+    };
+    let total = trainer.total_steps(objective.as_ref());
     if let Some(b) = super::train_outputs::bucket_info(opts, &data) {
         eprintln!("{}", b.0);
     }
@@ -353,17 +378,23 @@ pub fn train(opts: &TrainOptions) -> Result<String> {
         samples.write(0).context("writing the step-0 samples")?;
     }
     let mut progress = Progress::stderr("");
-    trainer.train_with(
-        &sd,
-        &cache,
+    trainer.run(
+        objective.as_ref(),
         &mut [&mut metrics, &mut progress, &mut samples, &mut checkpoints],
     )?;
-    super::train_outputs::write_outputs(opts, &sd, &trainer, &data, total)?;
+    let outputs = super::train_outputs::RunData {
+        data: &data,
+        class: class.as_ref(),
+    };
+    super::train_outputs::write_outputs(opts, &sd, &trainer, &outputs, total)?;
     let last = trainer.history.last().map_or(f64::NAN, |r| r.loss);
     Ok(format!(
-        "trained {} steps on {} images; last loss {last:.4}; wrote {}/lora.safetensors and lora_peft.safetensors",
+        "trained {} steps on {} images{}; last loss {last:.4}; wrote {}/lora.safetensors and lora_peft.safetensors",
         trainer.step,
         data.len(),
+        class
+            .as_ref()
+            .map_or(String::new(), |c| format!(" and {} class images", c.len())),
         opts.out.display()
     ))
 }
@@ -387,6 +418,7 @@ fn build_cache(
     opts: &TrainOptions,
     sd: &StableDiffusion,
     data: &ImageFolder,
+    label: &str,
 ) -> Result<LatentCache> {
     let (w, h) = (opts.data_config.width, opts.data_config.height);
     let file = opts.out.join(format!("cache/latents-{w}x{h}.safetensors"));
@@ -396,7 +428,7 @@ fn build_cache(
         eprintln!("warning: {w}");
     }
     eprintln!(
-        "latent cache: {} images encoded, {} from {}, {} captions encoded",
+        "{label}latent cache: {} images encoded, {} from {}, {} captions encoded",
         stats.images_encoded,
         stats.images_reused,
         if opts.disk_cache {

@@ -86,14 +86,21 @@ fn dataset_metadata(trainer: &Trainer, data: &ImageFolder) -> Result<Vec<(String
     ])
 }
 
+/// The data a run trained on: its images and, with prior preservation, the class images.
+pub(crate) struct RunData<'a> {
+    pub data: &'a ImageFolder,
+    pub class: Option<&'a ImageFolder>,
+}
+
 /// Loss curve, LoRA anatomy and both LoRA files (kohya with `ss_*` metadata, PEFT).
 pub(crate) fn write_outputs(
     opts: &TrainOptions,
     sd: &StableDiffusion,
     trainer: &Trainer,
-    data: &ImageFolder,
+    run: &RunData,
     total: usize,
 ) -> Result<()> {
+    let data = run.data;
     let out = &opts.out;
     if !trainer.history.is_empty() {
         let fig = crate::plot::loss_curve(&trainer.history)?;
@@ -142,6 +149,7 @@ pub(crate) fn write_outputs(
     );
     meta.extend(bucket_info(opts, data).into_iter().flat_map(|b| b.1));
     meta.extend(dataset_metadata(trainer, data)?);
+    meta.extend(super::train_dreambooth::metadata(opts, run.class));
     sd.save_lora(kohya, LoraFormat::Kohya, opts.save_dtype, &meta)?;
     let peft = out.join("lora_peft.safetensors");
     sd.save_lora(peft, LoraFormat::Peft, opts.save_dtype, &Default::default())

@@ -113,6 +113,14 @@ fn is_image(p: &Path) -> bool {
         .is_some_and(|x| EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
 }
 
+/// The images (png, jpg, jpeg, webp) directly in `dir`, sorted by path.
+pub fn image_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    list_images(dir, false, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
 fn list_images(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> Result<()> {
     let entries = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read image folder {}", dir.display()))?;
@@ -212,6 +220,12 @@ impl ImageFolder {
     /// Reads every image of `dir` (sorted by path), converted to RGB and centre-cropped at the
     /// configured size. Flips are applied per step by the trainer.
     pub fn load(dir: impl AsRef<Path>, cfg: &DataConfig) -> Result<Self> {
+        Self::load_first(dir, cfg, None)
+    }
+
+    /// [`Self::load`] reading only the first `max` images (in path order) when given, e.g.
+    /// DreamBooth's `num_class_images` of a larger class folder.
+    pub fn load_first(dir: impl AsRef<Path>, cfg: &DataConfig, max: Option<usize>) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
             bail!("image folder {} does not exist", dir.display());
@@ -274,6 +288,9 @@ impl ImageFolder {
                     .unwrap_or_default();
                 paths.extend(imgs.into_iter().map(|p| (p, 1, name.clone(), None)));
             }
+        }
+        if let Some(n) = max {
+            paths.truncate(n);
         }
         if paths.is_empty() {
             bail!(

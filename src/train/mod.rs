@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
+pub mod dreambooth;
 pub mod hooks;
 pub mod metrics;
 pub mod objective;
@@ -21,6 +22,7 @@ use rand::{Rng, SeedableRng};
 
 pub use cache::{CacheStats, LatentCache};
 pub use config::{LrSchedule, LrSchedulerKind, TrainConfig};
+pub use dreambooth::{ClassImages, ClassImagesReport, PriorPreservation};
 pub use hooks::{Checkpoints, OnStep, StepHook};
 pub use metrics::{read_metrics, MetricsCsv};
 pub use objective::{Denoising, Objective};

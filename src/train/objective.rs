@@ -30,6 +30,12 @@ pub trait Objective {
     }
 }
 
+/// An example's conditioning: a caption encoded this step, or a cached embedding.
+enum Cond {
+    Caption(String),
+    Embedding(Tensor),
+}
+
 /// The denoising loss of `sd.unet` on cached latents and text embeddings: a random flip, a
 /// latent sample from the VAE posterior, noise (with the configured offset), a uniform random
 /// timestep, the scheduler's training target (epsilon or v), MSE (min-SNR weighted when
@@ -69,14 +75,30 @@ impl<'a> Denoising<'a> {
 
     /// [`Objective::loss`] with any random source.
     pub fn loss_with<R: Rng>(&self, idx: &[usize], rng: &mut R) -> Result<Tensor> {
-        let (sd, cache) = (self.sd, self.cache);
+        let examples: Vec<(&LatentCache, usize)> = idx.iter().map(|&i| (self.cache, i)).collect();
+        let (mse, t) = self.per_sample(&examples, rng)?;
+        self.weighted_mean(&mse, &t)
+    }
+
+    /// The unweighted MSE of each example `(cache, training item)` (`[n]`, f32) and the
+    /// timestep drawn for it. Examples of one latent size share one UNet forward (a batch
+    /// mixing sizes, e.g. bucketed instance images beside square class images, runs one
+    /// forward per size); the random draws of a one-size batch are: per example the flip,
+    /// the latent sample, caption dropout and caption processing, then the batch's noise,
+    /// noise offset and timesteps.
+    pub fn per_sample<R: Rng>(
+        &self,
+        examples: &[(&LatentCache, usize)],
+        rng: &mut R,
+    ) -> Result<(Tensor, Vec<u32>)> {
+        let sd = self.sd;
         let dev = &sd.device;
-        let mut z = Vec::new();
-        let mut ctx = Vec::new();
-        let mut captions: Vec<String> = Vec::new();
         let per_step =
             self.train_text_encoder || self.shuffle_caption || self.caption_tag_dropout > 0.0;
-        for &item in idx {
+        // per example: its latent sample, and its caption (per step) or cached embedding
+        let mut z = Vec::with_capacity(examples.len());
+        let mut text: Vec<Cond> = Vec::with_capacity(examples.len());
+        for &(cache, item) in examples {
             // an item is an example, repeated per its folder's repeats
             let i = *cache
                 .items
@@ -96,7 +118,7 @@ impl<'a> Denoising<'a> {
                 let c = cache.captions.get(i).with_context(|| {
                     format!("captions are encoded per step but the latent cache has no caption for example {i}")
                 })?;
-                captions.push(if drop {
+                text.push(Cond::Caption(if drop {
                     String::new()
                 } else {
                     crate::data::kohya::process_caption(
@@ -106,49 +128,93 @@ impl<'a> Denoising<'a> {
                         self.caption_tag_dropout,
                         rng,
                     )
-                });
-                continue;
-            }
-            let c = if drop {
-                &cache.empty
+                }));
             } else {
-                &cache.embeddings[i]
+                text.push(Cond::Embedding(if drop {
+                    cache.empty.clone()
+                } else {
+                    cache.embeddings[i].clone()
+                }));
+            }
+        }
+        // positions grouped by latent size, in order of first appearance
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for (p, zi) in z.iter().enumerate() {
+            match groups.iter_mut().find(|g| z[g[0]].dims() == zi.dims()) {
+                Some(g) => g.push(p),
+                None => groups.push(vec![p]),
+            }
+        }
+        let mut losses = Vec::with_capacity(groups.len());
+        let mut t_at = vec![0u32; examples.len()];
+        for g in &groups {
+            let zs: Vec<Tensor> = g.iter().map(|&p| z[p].clone()).collect();
+            let x0 = sd.vae.scale_latents(&Tensor::stack(&zs, 0)?)?;
+            let ctx = if per_step {
+                let refs: Vec<&str> = g
+                    .iter()
+                    .map(|&p| match &text[p] {
+                        Cond::Caption(c) => c.as_str(),
+                        Cond::Embedding(_) => "",
+                    })
+                    .collect();
+                let e = sd.encode_prompts(&refs)?;
+                // a frozen text encoder's output needs no graph
+                if self.train_text_encoder {
+                    e
+                } else {
+                    e.detach()
+                }
+            } else {
+                let embs: Vec<Tensor> = g
+                    .iter()
+                    .filter_map(|&p| match &text[p] {
+                        Cond::Embedding(e) => Some(e.clone()),
+                        Cond::Caption(_) => None,
+                    })
+                    .collect();
+                Tensor::stack(&embs, 0)?
             };
-            ctx.push(c.clone());
-        }
-        let x0 = sd.vae.scale_latents(&Tensor::stack(&z, 0)?)?;
-        let ctx = if per_step {
-            let refs: Vec<&str> = captions.iter().map(|c| c.as_str()).collect();
-            let e = sd.encode_prompts(&refs)?;
-            // a frozen text encoder's output needs no graph
-            if self.train_text_encoder {
-                e
-            } else {
-                e.detach()
+            let b = g.len();
+            let mut noise = randn_from(rng, x0.dims(), dev)?;
+            if self.noise_offset != 0.0 {
+                let off = randn_from(rng, &[b, x0.dim(1)?, 1, 1], dev)?;
+                noise = noise.broadcast_add(&(off * self.noise_offset)?)?;
             }
-        } else {
-            Tensor::stack(&ctx, 0)?
-        };
-        let b = idx.len();
-        let mut noise = randn_from(rng, x0.dims(), dev)?;
-        if self.noise_offset != 0.0 {
-            let off = randn_from(rng, &[b, x0.dim(1)?, 1, 1], dev)?;
-            noise = noise.broadcast_add(&(off * self.noise_offset)?)?;
+            let n_train = sd.scheduler_config.num_train_timesteps;
+            let t: Vec<u32> = (0..b)
+                .map(|_| rng.random_range(0..n_train as u32))
+                .collect();
+            for (&p, &ti) in g.iter().zip(&t) {
+                t_at[p] = ti;
+            }
+            let tt = Tensor::new(t, dev)?;
+            let noisy = self.noise.add_noise(&x0, &noise, &tt)?;
+            let target = self.noise.training_target(&x0, &noise, &tt)?;
+            let pred = sd.unet.forward(&noisy, &tt, &ctx)?.to_dtype(DType::F32)?;
+            losses.push((pred - target)?.sqr()?.flatten_from(1)?.mean(1)?);
         }
-        let n_train = sd.scheduler_config.num_train_timesteps;
-        let t: Vec<u32> = (0..b)
-            .map(|_| rng.random_range(0..n_train as u32))
-            .collect();
-        let tt = Tensor::new(t.clone(), dev)?;
-        let noisy = self.noise.add_noise(&x0, &noise, &tt)?;
-        let target = self.noise.training_target(&x0, &noise, &tt)?;
-        let pred = sd.unet.forward(&noisy, &tt, &ctx)?.to_dtype(DType::F32)?;
-        let per_sample = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+        if groups.len() == 1 {
+            return Ok((losses.remove(0), t_at));
+        }
+        // back to the examples' order
+        let order: Vec<usize> = groups.concat();
+        let mut inverse = vec![0u32; order.len()];
+        for (k, &p) in order.iter().enumerate() {
+            inverse[p] = k as u32;
+        }
+        let all = Tensor::cat(&losses, 0)?;
+        Ok((all.index_select(&Tensor::new(inverse, dev)?, 0)?, t_at))
+    }
+
+    /// The mean of per-example losses `mse` (min-SNR weighted by their timesteps `t` when
+    /// configured).
+    pub fn weighted_mean(&self, mse: &Tensor, t: &[u32]) -> Result<Tensor> {
         let Some(gamma) = self.min_snr_gamma else {
-            return Ok(per_sample.mean_all()?);
+            return Ok(mse.mean_all()?);
         };
         let ac = self.noise.alphas_cumprod();
-        let v_pred = sd.scheduler_config.prediction_type == "v_prediction";
+        let v_pred = self.sd.scheduler_config.prediction_type == "v_prediction";
         let w: Vec<f32> = t
             .iter()
             .map(|&t| {
@@ -157,7 +223,7 @@ impl<'a> Denoising<'a> {
                 (snr.min(gamma) / if v_pred { snr + 1.0 } else { snr }) as f32
             })
             .collect();
-        Ok((per_sample * Tensor::new(w, dev)?)?.mean_all()?)
+        Ok((mse * Tensor::new(w, mse.device())?)?.mean_all()?)
     }
 }
 
