@@ -93,7 +93,8 @@ fn main() -> Result<()> {
         .take(8)
         .collect();
     for (i, s) in picked.iter().enumerate() {
-        s.render(Look::Anime).save(inst_dir.join(format!("{i}.png")))?;
+        s.render(Look::Anime)
+            .save(inst_dir.join(format!("{i}.png")))?;
     }
     let px = sd_lora::tiny::scenes::SIZE as usize;
     let cfg = |caption: &str| DataConfig {
@@ -144,9 +145,7 @@ fn main() -> Result<()> {
     println!(
         "style score (0 photographic .. 1 anime), {steps} steps, batch 4, rank 16, lr 1e-3; 16 samples per prompt (2 per other prompt)"
     );
-    println!(
-        "| run | \"{INSTANCE}\" | \"{CLASS}\" | 8 other scene prompts | training s |"
-    );
+    println!("| run | \"{INSTANCE}\" | \"{CLASS}\" | 8 other scene prompts | training s |");
     println!("|---|---|---|---|---|");
     for (name, s, secs) in rows {
         println!(

@@ -37,9 +37,11 @@ fn sd(dir: &Path) -> StableDiffusion {
 fn class_folder(dir: &Path, w: usize, h: usize) -> ImageFolder {
     std::fs::create_dir_all(dir).unwrap();
     for i in 0..3u8 {
-        image::RgbImage::from_fn(36, 36, |x, y| image::Rgb([20 + i * 70, x as u8 * 5, y as u8 * 3]))
-            .save(dir.join(format!("c{i}.png")))
-            .unwrap();
+        image::RgbImage::from_fn(36, 36, |x, y| {
+            image::Rgb([20 + i * 70, x as u8 * 5, y as u8 * 3])
+        })
+        .save(dir.join(format!("c{i}.png")))
+        .unwrap();
     }
     let cfg = DataConfig {
         width: w,
@@ -188,7 +190,10 @@ fn the_prior_loss_is_the_class_halfs_mse_weighted_as_diffusers_does() {
         let got: Vec<f32> = mse.to_vec1().unwrap();
         let want = by_hand(&sd, &mixed, 2, 1.0, 5).2;
         for (g, w) in got.iter().zip(&want) {
-            assert!(((*g as f64 - w) / w).abs() < 1e-5, "{case}: {got:?} vs {want:?}");
+            assert!(
+                ((*g as f64 - w) / w).abs() < 1e-5,
+                "{case}: {got:?} vs {want:?}"
+            );
         }
         // gradients reach every adapter through the class half
         let mut rng = ChaCha12Rng::seed_from_u64(11);
@@ -196,7 +201,13 @@ fn the_prior_loss_is_the_class_halfs_mse_weighted_as_diffusers_does() {
         let vars = sd.unet.lora_vars().unwrap();
         let g = sd_lora::train::step::grads_of(&loss, &vars).unwrap();
         assert!(g.iter().all(|g| {
-            let n = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            let n = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             n.is_finite() && n > 0.0
         }));
     }
@@ -230,8 +241,8 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn class_image_generation_resumes_where_it_stopped_and_makes_the_same_images() {
     let dir = tiny_pipeline();
-    let sd = StableDiffusion::from_folder(dir.path(), Some("fp16"), DType::F32, &Device::Cpu)
-        .unwrap();
+    let sd =
+        StableDiffusion::from_folder(dir.path(), Some("fp16"), DType::F32, &Device::Cpu).unwrap();
     let work = tempfile::tempdir().unwrap();
     let class = |name: &str, n: usize| ClassImages {
         dir: work.path().join(name),

@@ -498,6 +498,38 @@ fn commands_take_single_files() {
         o.status.success() && err.contains("SD 1.x single file"),
         "{err}"
     );
+    // inspect-model reads the structure from --config (the file's tiny widths are not SD's)
+    let inspect = |model: &Path, config: Option<&Path>| {
+        let mut c = std::process::Command::new(bin);
+        c.args(["inspect-model", "--json", "--model"]).arg(model);
+        if let Some(cfg) = config {
+            c.arg("--config").arg(cfg);
+        }
+        c.output().unwrap()
+    };
+    let o = inspect(&file, Some(cfg.path()));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let from_file: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let o = inspect(cfg.path(), None);
+    let from_folder: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(from_file, from_folder);
+    assert!(from_file["trainable_params"].as_u64().unwrap() > 0);
+    let o = inspect(&file, None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--config"), "{err}");
+    let o = inspect(cfg.path(), Some(cfg.path()));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("is not one"),
+        "--config beside a folder is refused: {err}"
+    );
+    let sd2 = sd2_config();
+    let o = inspect(&file, Some(sd2.path()));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("the configs do not describe this file"),
+        "an SD 2.x config does not describe the SD 1.x file: {err}"
+    );
     let o = std::process::Command::new(bin)
         .args(["unet-forward", "--model", "tiny", "--vae", "x", "--inputs"])
         .arg(&inputs)

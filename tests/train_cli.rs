@@ -762,7 +762,10 @@ fn dreambooth_generates_class_images_once_and_resumes_bit_identically() {
         log.contains("prior preservation: 3 class images") && log.contains("0 there before"),
         "{log}"
     );
-    assert!(log.contains("class images' latent cache: 3 images encoded"), "{log}");
+    assert!(
+        log.contains("class images' latent cache: 3 images encoded"),
+        "{log}"
+    );
     // made once: the split and resumed runs found them
     assert_eq!(sd_lora::data::image_paths(&class).unwrap().len(), 3);
     let meta = sd_lora_meta(&s.out("split").join("lora.safetensors"));

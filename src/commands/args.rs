@@ -104,6 +104,10 @@ pub struct StructureArgs {
     /// UNet `config.json`, or a single-file checkpoint (structure inferred from its shapes).
     #[arg(long, default_value = "sd15")]
     pub model: String,
+    /// With a single-file --model: a diffusers folder (or cached repo id) whose configs
+    /// describe it, instead of inferring them from its shapes.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 /// A LoRA file matched against a `--model` structure (see [`StructureArgs::match_file`]).
@@ -138,7 +142,8 @@ impl StructureArgs {
         crate::text::ClipTextModel,
     )> {
         use crate::text::ClipTextModel;
-        let (ucfg, cfg) = crate::pipeline::single_file::structure_configs(&self.model)?;
+        let (ucfg, cfg) =
+            crate::pipeline::single_file::structure_configs(&self.model, self.config.as_deref())?;
         let unet = crate::unet::UNet2DConditionModel::meta(&ucfg)?;
         let te = ClipTextModel::new(
             &cfg,

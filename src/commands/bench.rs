@@ -290,7 +290,7 @@ pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
     if let Some(v) = &cfg.variant {
         bail!("--variant {v}: the training benchmark uses random weights (variants apply to `bench generate` with a pipeline folder)");
     }
-    let ucfg = crate::pipeline::single_file::structure_configs(&cfg.model)?.0;
+    let ucfg = crate::pipeline::single_file::structure_configs(&cfg.model, None)?.0;
     let mut unet = UNet2DConditionModel::random(&ucfg, 0, dt, dev)?;
     let mut lora = LoraConfig::new(16, 32.0).with_dora(cfg.dora);
     if let Some(r) = cfg.conv_rank {

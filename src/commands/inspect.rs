@@ -31,10 +31,15 @@ pub struct InspectModelArgs {
     pub layers: bool,
 }
 
-/// Builds the UNet structure without weights, injects LoRA and returns the summary.
-pub fn lora_summary(model: &str, cfg: &LoraConfig) -> Result<LoraSummary> {
-    let mut unet =
-        UNet2DConditionModel::meta(&crate::pipeline::single_file::structure_configs(model)?.0)?;
+/// Builds the UNet structure without weights (from `config` for a single file, when given),
+/// injects LoRA and returns the summary.
+pub fn lora_summary(
+    model: &str,
+    config: Option<&std::path::Path>,
+    cfg: &LoraConfig,
+) -> Result<LoraSummary> {
+    let (ucfg, _) = crate::pipeline::single_file::structure_configs(model, config)?;
+    let mut unet = UNet2DConditionModel::meta(&ucfg)?;
     unet.inject_lora(cfg, &VarMap::new())
 }
 
@@ -42,7 +47,7 @@ pub fn lora_summary(model: &str, cfg: &LoraConfig) -> Result<LoraSummary> {
 pub fn inspect_model(a: &InspectModelArgs) -> Result<String> {
     let alpha = a.alpha.unwrap_or(LoraConfig::default_alpha(a.rank));
     let cfg = LoraConfig::new(a.rank, alpha).with_targets(&LoraConfig::parse_targets(&a.targets));
-    let summary = lora_summary(&a.structure.model, &cfg)?;
+    let summary = lora_summary(&a.structure.model, a.structure.config.as_deref(), &cfg)?;
     if a.json {
         let mut v = summary.to_json();
         if !a.layers {

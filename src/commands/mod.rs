@@ -16,8 +16,8 @@ pub mod inspect;
 pub mod plot;
 pub mod pretrain;
 pub mod train;
-pub mod train_outputs;
 pub mod train_dreambooth;
+pub mod train_outputs;
 
 use clap::{Parser, Subcommand};
 

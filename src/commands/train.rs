@@ -304,11 +304,9 @@ impl TrainArgs {
             }),
             save_dtype: self.save_dtype.into(),
             disk_cache: !self.no_disk_cache,
-            prior: self.dreambooth.prior(
-                self.resolution.width,
-                self.resolution.height,
-                self.seed,
-            ),
+            prior: self
+                .dreambooth
+                .prior(self.resolution.width, self.resolution.height, self.seed),
         })
     }
 }

@@ -300,6 +300,56 @@ impl SingleFilePlan {
         })
     }
 
+    /// Checks, from the header alone, that every UNet and text-encoder tensor the configs
+    /// describe is in the file with as many elements; fails naming the first few that are not
+    /// (configs given with `--config` that do not fit the file).
+    pub fn check_structure(&self) -> Result<()> {
+        let ours = records_of(|ws| UNet2DConditionModel::new(&self.unet, ws).map(|_| ()))?
+            .into_iter()
+            .chain(records_of(|ws| {
+                ClipTextModel::new(&self.text, ws).map(|_| ())
+            })?);
+        let (mut missing, mut wrong) = (Vec::new(), Vec::new());
+        for (k, shape) in ours {
+            let Some(r) = self.unet_map.get(&k).or_else(|| self.text_map.get(&k)) else {
+                continue;
+            };
+            match self.header.shape(&r.key) {
+                None => missing.push(r.key.clone()),
+                Some(f) => {
+                    let rows = r.rows.map_or(f.first().copied().unwrap_or(1), |(_, n)| n);
+                    let theirs = rows * f.iter().skip(1).product::<usize>();
+                    if theirs != shape.iter().product::<usize>() {
+                        wrong.push(format!("{} {f:?} (the configs need {shape:?})", r.key));
+                    }
+                }
+            }
+        }
+        if missing.is_empty() && wrong.is_empty() {
+            return Ok(());
+        }
+        let few = |v: &[String], what: &str| {
+            (!v.is_empty()).then(|| {
+                let list: Vec<String> = v.iter().take(3).cloned().collect();
+                format!(
+                    "{} tensors {what} ({}{})",
+                    v.len(),
+                    list.join(", "),
+                    if v.len() > 3 { ", ..." } else { "" }
+                )
+            })
+        };
+        let parts: Vec<String> = [few(&missing, "missing"), few(&wrong, "of another size")]
+            .into_iter()
+            .flatten()
+            .collect();
+        bail!(
+            "{}: the configs do not describe this file: {}",
+            self.header.path.display(),
+            parts.join("; ")
+        )
+    }
+
     /// Which of the file's tensors nothing reads, minus those set aside by design.
     fn report(&self, opts: &SingleFileOptions) -> SingleFileReport {
         let mut used: std::collections::HashSet<&str> = std::collections::HashSet::new();
@@ -406,17 +456,29 @@ pub fn is_single_file(model: &str) -> bool {
     p.is_file() && p.extension().is_none_or(|e| e != "json")
 }
 
-/// The UNet and text-encoder configs of `model`: inferred from a single file's shapes, else
-/// [`UNetConfig::for_model`] and the text encoder of a pipeline folder (tiny's for `tiny`, SD
-/// 1.5's otherwise). Structure only: no weights are read.
-pub fn structure_configs(model: &str) -> Result<(UNetConfig, ClipTextConfig)> {
+/// The UNet and text-encoder configs of `model`: a single file's from `config` (a diffusers
+/// folder or cached repo id) or inferred from its shapes, checked against the file's tensors;
+/// else [`UNetConfig::for_model`] and the text encoder of a pipeline folder (tiny's for `tiny`,
+/// SD 1.5's otherwise). Structure only: no weights are read.
+pub fn structure_configs(
+    model: &str,
+    config: Option<&Path>,
+) -> Result<(UNetConfig, ClipTextConfig)> {
     if is_single_file(model) {
-        let h = CheckpointHeader::read(Path::new(model))?;
-        let family = detect_family(&h)?;
-        return Ok((
-            infer_unet_config(&h, family)?,
-            infer_clip_config(&h, family)?,
-        ));
+        let opts = SingleFileOptions {
+            config: config.map(Path::to_path_buf),
+            ..Default::default()
+        }
+        .resolved(None)?;
+        let plan = SingleFilePlan::new(Path::new(model), &opts)?;
+        plan.check_structure()?;
+        return Ok((plan.unet, plan.text));
+    }
+    if let Some(c) = config {
+        anyhow::bail!(
+            "--config {} gives the configs of a single-file checkpoint, but {model} is not one (a folder has its own configs)",
+            c.display()
+        );
     }
     let te_config = Path::new(model).join("text_encoder").join("config.json");
     let text = if te_config.is_file() {
