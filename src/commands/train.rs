@@ -436,7 +436,7 @@ fn build_cache(
         },
         stats.texts_encoded
     );
-    if opts.train.train_text_encoder {
+    if opts.train.train_text_encoder && label.is_empty() {
         eprintln!("the text encoder trains: captions are encoded at every step (the cached embeddings are not used)");
     }
     Ok(cache)
