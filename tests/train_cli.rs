@@ -788,3 +788,31 @@ fn dreambooth_generates_class_images_once_and_resumes_bit_identically() {
     both.extend(["--caption".into(), "x".into()]);
     fails_with(&sd_lora(&both), &["--instance-prompt", "--caption"]);
 }
+
+#[test]
+fn f16_training_scales_the_loss_and_resumes_bit_identically() {
+    let s = setup();
+    let log = straight_and_split_runs_agree(&s, &["--dtype", "f16", "--gradient-checkpointing"]);
+    assert!(
+        log.contains("f16: dynamic loss scaling from 65536"),
+        "{log}"
+    );
+    let meta = sd_lora_meta(&s.out("straight").join("lora.safetensors"));
+    assert_eq!(meta["ss_mixed_precision"], "fp16");
+    assert_eq!(meta["ss_gradient_checkpointing"], "True");
+    // the scaler's state is in the checkpoint
+    let ckpt = s
+        .out("split")
+        .join("checkpoints/checkpoint-000004.safetensors");
+    let bytes = std::fs::read(&ckpt).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let state: serde_json::Value = serde_json::from_str(
+        header["__metadata__"]["sd_lora_train_state"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["scaler"]["scale"], 65536.0, "{}", state["scaler"]);
+    assert_eq!(state["scaler"]["growth_tracker"], 4);
+}

@@ -65,6 +65,10 @@ pub struct BenchArgs {
     /// 1.5's CLIP), run on 77 fixed token ids each step (`sd-lora train --train-text-encoder`).
     #[arg(long)]
     pub train_text_encoder: bool,
+    /// `train`: gradient checkpointing (resnets, transformer blocks and text-encoder layers
+    /// recomputed during backward; `sd-lora train --gradient-checkpointing`).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Attention score bytes materialised at once, MiB (default 4 on the CPU, 256 on GPUs;
     /// larger layers run in query chunks). A huge value keeps every score matrix whole.
     #[arg(long, value_parser = count)]
@@ -90,9 +94,11 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
         dora: a.dora,
         conv_rank: a.conv_rank,
         train_text_encoder: a.train_text_encoder,
+        gradient_checkpointing: a.gradient_checkpointing,
     };
-    if (a.dora || a.conv_rank.is_some() || a.train_text_encoder) && a.what != BenchKind::Train {
-        bail!("--dora, --conv-rank and --train-text-encoder are for `bench train`");
+    let train_only = a.dora || a.conv_rank.is_some() || a.train_text_encoder;
+    if (train_only || a.gradient_checkpointing) && a.what != BenchKind::Train {
+        bail!("--dora, --conv-rank, --train-text-encoder and --gradient-checkpointing are for `bench train`");
     }
     match (a.what, &a.lora) {
         (BenchKind::Train, None) => bench_train(&cfg),
@@ -128,6 +134,8 @@ pub struct BenchConfig {
     pub conv_rank: Option<usize>,
     /// `train`: also train a text-encoder LoRA. Default false.
     pub train_text_encoder: bool,
+    /// `train`: gradient checkpointing. Default false.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for BenchConfig {
@@ -144,6 +152,7 @@ impl Default for BenchConfig {
             dora: false,
             conv_rank: None,
             train_text_encoder: false,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -297,6 +306,7 @@ pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
         lora = lora.with_conv(r, None);
     }
     let summary = unet.inject_lora(&lora, &VarMap::new())?;
+    unet.gradient_checkpointing = cfg.gradient_checkpointing;
     let (mut trainable, mut total) = (summary.trainable_params, summary.total_params);
     let tcfg = TrainConfig {
         lr: 1e-4,
@@ -307,6 +317,7 @@ pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
     let te = if cfg.train_text_encoder {
         let mut te = bench_text_encoder(&cfg.model, dt, dev)?;
         let s = te.inject_lora(&lora.for_text_encoder(TEXT_INJECTABLE), &VarMap::new())?;
+        te.gradient_checkpointing = cfg.gradient_checkpointing;
         (trainable, total) = (trainable + s.trainable_params, total + s.total_params);
         Some(te)
     } else {
@@ -344,6 +355,9 @@ pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
     }
     if cfg.train_text_encoder {
         kind.push_str("+te");
+    }
+    if cfg.gradient_checkpointing {
+        kind.push_str("+gc");
     }
     Ok(BenchReport::new(
         &kind,

@@ -12,10 +12,10 @@ use super::args::{Resolution, SaveDType};
 use crate::data::buckets::BucketConfig;
 use crate::data::{CaptionSource, DataConfig, ImageFolder};
 use crate::lora::{LoraConfig, LoraModel};
-use crate::pipeline::{GenerateConfig, LoadOptions, StableDiffusion};
+use crate::pipeline::{LoadOptions, StableDiffusion};
 use crate::train::{checkpoint, Checkpoints, Denoising, LatentCache, LrSchedulerKind, MetricsCsv};
 use crate::train::{Objective, PriorPreservation};
-use crate::train::{Progress, StepHook, StepRecord, TrainConfig, Trainer};
+use crate::train::{Progress, TrainConfig, Trainer};
 
 /// `--network`: the kind of adapter trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -179,6 +179,10 @@ pub struct TrainArgs {
     /// Do not keep the VAE latents / text embeddings in RUN_DIR/cache.
     #[arg(long)]
     pub no_disk_cache: bool,
+    /// Recompute the UNet's blocks (and the text encoder's layers) during backward instead of
+    /// keeping their activations: less memory, one more forward pass per step.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     #[command(flatten)]
     pub dreambooth: super::train_dreambooth::DreamBoothArgs,
 }
@@ -292,6 +296,7 @@ impl TrainArgs {
                 shuffle_caption: self.shuffle_caption,
                 keep_tokens: self.keep_tokens,
                 caption_tag_dropout: self.caption_tag_dropout,
+                gradient_checkpointing: self.gradient_checkpointing,
                 seed: self.seed,
                 ..Default::default()
             },
@@ -352,6 +357,12 @@ pub fn train(opts: &TrainOptions) -> Result<String> {
         None => None,
     };
     let mut trainer = Trainer::new(&sd, opts.train.clone())?;
+    if let Some(s) = &trainer.scaler {
+        eprintln!(
+            "f16: dynamic loss scaling from {} (x{} after {} clean steps, x{} and the step skipped on overflow)",
+            s.scale, s.growth_factor, s.growth_interval, s.backoff_factor
+        );
+    }
     let ckpt_dir = opts.out.join("checkpoints");
     if opts.resume {
         resume(opts, &mut trainer, &ckpt_dir)?;
@@ -371,7 +382,7 @@ pub fn train(opts: &TrainOptions) -> Result<String> {
     }
     let mut checkpoints = Checkpoints::new(ckpt_dir, opts.save_every.unwrap_or(total.max(1)));
     let mut metrics = MetricsCsv::create(opts.out.join("metrics.csv"), &trainer.history)?;
-    let mut samples = Samples { opts, sd: &sd };
+    let mut samples = super::train_outputs::Samples { opts, sd: &sd };
     if trainer.step == 0 {
         samples.write(0).context("writing the step-0 samples")?;
     }
@@ -386,6 +397,12 @@ pub fn train(opts: &TrainOptions) -> Result<String> {
     };
     super::train_outputs::write_outputs(opts, &sd, &trainer, &outputs, total)?;
     let last = trainer.history.last().map_or(f64::NAN, |r| r.loss);
+    if let Some(s) = trainer.scaler.filter(|s| s.skipped > 0) {
+        eprintln!(
+            "f16 loss scaling: {} steps skipped for gradient overflow; scale now {}",
+            s.skipped, s.scale
+        );
+    }
     Ok(format!(
         "trained {} steps on {} images{}; last loss {last:.4}; wrote {}/lora.safetensors and lora_peft.safetensors",
         trainer.step,
@@ -458,43 +475,4 @@ fn resume(opts: &TrainOptions, trainer: &mut Trainer, ckpt_dir: &std::path::Path
         None => eprintln!("no checkpoint in {}: starting fresh", ckpt_dir.display()),
     }
     Ok(())
-}
-
-/// The sampling hook: every `every` steps and at the last one (a failure is a warning).
-struct Samples<'a> {
-    opts: &'a TrainOptions,
-    sd: &'a StableDiffusion,
-}
-
-impl Samples<'_> {
-    fn write(&self, step: usize) -> Result<()> {
-        let Some(s) = &self.opts.samples else {
-            return Ok(());
-        };
-        for (i, prompt) in s.prompts.iter().enumerate() {
-            let images = self.sd.generate(&GenerateConfig {
-                prompt: prompt.clone(),
-                steps: s.steps,
-                seed: i as u64,
-                width: self.opts.data_config.width,
-                height: self.opts.data_config.height,
-                ..Default::default()
-            })?;
-            let name = format!("step-{step:06}-{i}.png");
-            images.save(self.opts.out.join("samples").join(name))?;
-        }
-        Ok(())
-    }
-}
-
-impl StepHook for Samples<'_> {
-    fn after_step(&mut self, _: &Trainer, r: &StepRecord, total: usize) -> Result<()> {
-        let every = self.opts.samples.as_ref().map_or(0, |s| s.every);
-        if every > 0 && (r.step.is_multiple_of(every) || r.step == total) {
-            if let Err(e) = self.write(r.step) {
-                eprintln!("\nwarning: samples at step {} failed: {e:#}", r.step);
-            }
-        }
-        Ok(())
-    }
 }

@@ -7,8 +7,9 @@ use super::train::TrainOptions;
 use crate::data::ImageFolder;
 use crate::lora::io::KohyaTrainingMetadata;
 use crate::lora::{LoraFormat, LoraModel};
+use crate::pipeline::GenerateConfig;
 use crate::pipeline::StableDiffusion;
-use crate::train::Trainer;
+use crate::train::{StepHook, StepRecord, Trainer};
 
 /// Python's spelling of a bool, as kohya writes its metadata.
 fn py_bool(b: bool) -> String {
@@ -150,7 +151,56 @@ pub(crate) fn write_outputs(
     meta.extend(bucket_info(opts, data).into_iter().flat_map(|b| b.1));
     meta.extend(dataset_metadata(trainer, data)?);
     meta.extend(super::train_dreambooth::metadata(opts, run.class));
+    meta.insert(
+        "ss_gradient_checkpointing".into(),
+        py_bool(c.gradient_checkpointing),
+    );
+    let precision = match (opts.dtype, trainer.scaler.is_some()) {
+        (candle_core::DType::F16, _) | (_, true) => "fp16",
+        (candle_core::DType::BF16, _) => "bf16",
+        _ => "no",
+    };
+    meta.insert("ss_mixed_precision".into(), precision.into());
     sd.save_lora(kohya, LoraFormat::Kohya, opts.save_dtype, &meta)?;
     let peft = out.join("lora_peft.safetensors");
     sd.save_lora(peft, LoraFormat::Peft, opts.save_dtype, &Default::default())
+}
+
+/// The sampling hook: every `every` steps and at the last one (a failure is a warning).
+pub(crate) struct Samples<'a> {
+    pub opts: &'a TrainOptions,
+    pub sd: &'a StableDiffusion,
+}
+
+impl Samples<'_> {
+    pub fn write(&self, step: usize) -> Result<()> {
+        let Some(s) = &self.opts.samples else {
+            return Ok(());
+        };
+        for (i, prompt) in s.prompts.iter().enumerate() {
+            let images = self.sd.generate(&GenerateConfig {
+                prompt: prompt.clone(),
+                steps: s.steps,
+                seed: i as u64,
+                width: self.opts.data_config.width,
+                height: self.opts.data_config.height,
+                ..Default::default()
+            })?;
+            let name = format!("step-{step:06}-{i}.png");
+            images.save(self.opts.out.join("samples").join(name))?;
+        }
+        Ok(())
+    }
+}
+
+impl StepHook for Samples<'_> {
+    fn after_step(&mut self, _: &Trainer, r: &StepRecord, total: usize) -> Result<()> {
+        let every = self.opts.samples.as_ref().map_or(0, |s| s.every);
+        if every > 0 && (r.step.is_multiple_of(every) || r.step == total) {
+            if let Err(e) = self.write(r.step) {
+                eprintln!("\nwarning: samples at step {} failed: {e:#}", r.step);
+            }
+        }
+        Ok(())
+    }
 }

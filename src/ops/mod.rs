@@ -7,6 +7,7 @@
 //! f32, f64 in f64.
 
 mod attention;
+pub mod checkpoint;
 mod col2im;
 mod cpu;
 mod frozen;
@@ -22,6 +23,7 @@ pub use attention::{
     attention, attention_chunk_bytes, attention_chunk_rows, set_attention_chunk_bytes,
     ATTENTION_CHUNK_BYTES, ATTENTION_CHUNK_BYTES_CPU,
 };
+pub use checkpoint::{backward_with_checkpoints, checkpoint};
 pub use col2im::{conv2d_im2col, conv2d_input_grad};
 pub use frozen::{frozen_conv2d, frozen_linear};
 pub use geglu::geglu;

@@ -180,12 +180,25 @@ impl StableDiffusion {
 
     /// Text embeddings `[N, 77, D]` for `prompts` (the last hidden state, as SD uses it).
     pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor> {
+        self.encode_prompts_with(prompts, self.text_encoder.gradient_checkpointing)
+    }
+
+    /// [`Self::encode_prompts`], the text encoder gradient-checkpointed when `checkpointing`.
+    pub fn encode_prompts_with(&self, prompts: &[&str], checkpointing: bool) -> Result<Tensor> {
         let ids = self.tokenizer.encode_batch(prompts, &self.device)?;
         let out = self
             .text_encoder
-            .forward(&ids)
+            .forward_with(&ids, checkpointing)
             .context("running the text encoder")?;
         Ok(out.last_hidden_state)
+    }
+
+    /// Switches gradient checkpointing of the UNet and the text encoder (diffusers'
+    /// `enable_gradient_checkpointing`); see
+    /// [`crate::unet::UNet2DConditionModel::gradient_checkpointing`].
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.unet.gradient_checkpointing = on;
+        self.text_encoder.gradient_checkpointing = on;
     }
 
     /// Pixels per latent cell (8 for SD), from the VAE config.

@@ -108,6 +108,41 @@ struct EncoderLayer {
     fc2: LoraLinear,
 }
 
+impl EncoderLayer {
+    /// Pre-norm causal self-attention and MLP, each with its residual; `mask` `[T, T]` is 0 or
+    /// -inf, `gelu` picks exact GELU (else quick GELU).
+    fn forward(&self, x: &Tensor, mask: &Tensor, heads: usize, gelu: bool) -> Result<Tensor> {
+        let (b, t, hidden) = x.dims3()?;
+        let d = hidden / heads;
+        let r = x.clone();
+        let h = self.layer_norm1.forward(x)?;
+        let split = |y: Tensor| -> Result<Tensor> {
+            Ok(y.reshape((b, t, heads, d))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * heads, t, d))?)
+        };
+        let q = split((self.q_proj.forward(&h)? * (d as f64).powf(-0.5))?)?;
+        let k = split(self.k_proj.forward(&h)?)?;
+        let v = split(self.v_proj.forward(&h)?)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let attn = ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        let attn = attn
+            .reshape((b, heads, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, heads * d))?;
+        let x = (self.out_proj.forward(&attn)? + r)?;
+        let r = x.clone();
+        let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
+        let h = if gelu {
+            h.gelu_erf()?
+        } else {
+            (&h * ops_sigmoid(&(&h * 1.702)?)?)?
+        };
+        Ok((self.fc2.forward(&h)? + r)?)
+    }
+}
+
 /// CLIP's transformer text encoder: token + position embeddings, causal self-attention layers,
 /// final layer norm.
 #[derive(Debug, Clone)]
@@ -119,6 +154,9 @@ pub struct ClipTextModel {
     final_layer_norm: LayerNorm,
     params: Vec<ParamRecord>,
     device: Device,
+    /// Recompute every encoder layer during backward (see
+    /// [`crate::unet::UNet2DConditionModel::gradient_checkpointing`]). Default false.
+    pub gradient_checkpointing: bool,
 }
 
 /// Output of the text encoder.
@@ -177,6 +215,7 @@ impl ClipTextModel {
             final_layer_norm,
             params: ws.records(),
             device: ws.device().clone(),
+            gradient_checkpointing: false,
         })
     }
 
@@ -197,6 +236,15 @@ impl ClipTextModel {
 
     /// `input_ids [B, T]` (T <= max_position_embeddings) -> hidden states and pooled output.
     pub fn forward(&self, input_ids: &Tensor) -> Result<TextEncoderOutput> {
+        self.forward_with(input_ids, self.gradient_checkpointing)
+    }
+
+    /// [`Self::forward`], gradient-checkpointed when `checkpointing`.
+    pub fn forward_with(
+        &self,
+        input_ids: &Tensor,
+        checkpointing: bool,
+    ) -> Result<TextEncoderOutput> {
         let (b, t) = input_ids
             .dims2()
             .context("input_ids must be [batch, tokens]")?;
@@ -213,38 +261,23 @@ impl ClipTextModel {
             .reshape((b, t, ()))?;
         let mut x = tok.broadcast_add(&self.position_embedding.narrow(0, 0, t)?.unsqueeze(0)?)?;
         let heads = self.config.num_attention_heads;
-        let d = self.config.hidden_size / heads;
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
             .collect();
         let mask = Tensor::from_vec(mask, (t, t), &self.device)?.to_dtype(x.dtype())?;
+        let gelu = self.config.hidden_act == "gelu";
         for l in &self.layers {
-            let r = x.clone();
-            let h = l.layer_norm1.forward(&x)?;
-            let split = |y: Tensor| -> Result<Tensor> {
-                Ok(y.reshape((b, t, heads, d))?
-                    .transpose(1, 2)?
-                    .contiguous()?
-                    .reshape((b * heads, t, d))?)
-            };
-            let q = split((l.q_proj.forward(&h)? * (d as f64).powf(-0.5))?)?;
-            let k = split(l.k_proj.forward(&h)?)?;
-            let v = split(l.v_proj.forward(&h)?)?;
-            let scores = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
-            let attn = ops::softmax_last_dim(&scores)?.matmul(&v)?;
-            let attn =
-                attn.reshape((b, heads, t, d))?
-                    .transpose(1, 2)?
-                    .reshape((b, t, heads * d))?;
-            x = (l.out_proj.forward(&attn)? + r)?;
-            let r = x.clone();
-            let h = l.fc1.forward(&l.layer_norm2.forward(&x)?)?;
-            let h = if self.config.hidden_act == "gelu" {
-                h.gelu_erf()?
+            x = if checkpointing {
+                let l = l.clone();
+                ops::checkpoint(
+                    &x,
+                    &mask,
+                    "a CLIP encoder layer",
+                    std::sync::Arc::new(move |x, m| l.forward(x, m, heads, gelu)),
+                )?
             } else {
-                (&h * ops_sigmoid(&(&h * 1.702)?)?)?
+                l.forward(&x, &mask, heads, gelu)?
             };
-            x = (l.fc2.forward(&h)? + r)?;
         }
         let last = self.final_layer_norm.forward(&x)?;
         let ids_v: Vec<Vec<u32>> = ids.to_vec2()?;

@@ -129,6 +129,7 @@ impl Trainer {
             "rng_word_pos": self.rng.get_word_pos().to_string(),
             "config": self.config,
             "history": history,
+            "scaler": self.scaler,
         });
         let mut meta = HashMap::new();
         meta.insert("sd_lora_train_state".to_string(), state.to_string());
@@ -200,6 +201,12 @@ impl Trainer {
             .with_context(|| format!("{}: bad RNG position", path.display()))?;
         rng.set_word_pos(pos);
         self.rng = rng;
+        if let Some(s) = st.get("scaler").filter(|s| !s.is_null()) {
+            self.scaler = Some(
+                serde_json::from_value(s.clone())
+                    .with_context(|| format!("{}: corrupt loss-scaler state", path.display()))?,
+            );
+        }
         let h: Vec<[f64; 6]> = serde_json::from_value(st["history"].clone())?;
         self.history = h
             .into_iter()

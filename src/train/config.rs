@@ -104,6 +104,16 @@ pub struct TrainConfig {
     /// `caption_tag_dropout_rate`). Default 0.
     #[serde(default)]
     pub caption_tag_dropout: f64,
+    /// Recompute the UNet's resnets and transformer blocks (and the text encoder's layers when
+    /// it trains) during backward instead of keeping their activations (diffusers'
+    /// `--gradient_checkpointing`): less memory, about one more forward pass per step, the
+    /// same gradients. Default false.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+    /// Dynamic loss scaling ([`super::scaler`]): `Auto` (the default) scales when the model's
+    /// weights are f16 ([`super::Trainer::new`]), `Off` never, `Dynamic` always.
+    #[serde(default)]
+    pub loss_scaling: super::LossScaling,
     pub seed: u64,
 }
 
@@ -131,6 +141,8 @@ impl Default for TrainConfig {
             shuffle_caption: false,
             keep_tokens: 0,
             caption_tag_dropout: 0.0,
+            gradient_checkpointing: false,
+            loss_scaling: super::LossScaling::Auto,
             seed: 202509,
         }
     }

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod objective;
 pub mod optim;
 pub mod progress;
+pub mod scaler;
 pub mod step;
 
 use anyhow::{bail, Result};
@@ -28,6 +29,7 @@ pub use metrics::{read_metrics, MetricsCsv};
 pub use objective::{Denoising, Objective};
 pub use optim::AdamW;
 pub use progress::{Progress, ProgressMode};
+pub use scaler::{GradScaler, LossScaling};
 
 use crate::lora::LoraModel;
 use crate::pipeline::StableDiffusion;
@@ -73,6 +75,8 @@ pub struct Trainer {
     pub(crate) epoch_order: Option<Vec<usize>>,
     pub(crate) group_pos: usize,
     pub(crate) rng: rand_chacha::ChaCha12Rng,
+    /// Dynamic loss scaling (f16 training; see [`scaler`]). None = off.
+    pub scaler: Option<GradScaler>,
 }
 
 impl Trainer {
@@ -93,7 +97,12 @@ impl Trainer {
             .into_iter()
             .map(|(n, v)| (format!("text_encoder.{n}"), v))
             .collect();
-        Self::for_var_groups(config, vec![sd.unet.lora_vars()?, te])
+        let auto = sd.dtype == candle_core::DType::F16;
+        let mut t = Self::for_var_groups(config, vec![sd.unet.lora_vars()?, te])?;
+        if t.config.loss_scaling == LossScaling::Auto && auto {
+            t.scaler = Some(GradScaler::default());
+        }
+        Ok(t)
     }
 
     /// A trainer for parameter groups: group 0 at `config.lr`, group 1 at
@@ -134,6 +143,7 @@ impl Trainer {
             bail!("nothing to train: inject LoRA or build the UNet in full-parameter mode");
         }
         config.validate()?;
+        let config_scaling = config.loss_scaling;
         let optimizer = AdamW::new(vars, config.betas, config.eps, config.weight_decay)?;
         Ok(Self {
             rng: rand_chacha::ChaCha12Rng::seed_from_u64(config.seed),
@@ -144,6 +154,7 @@ impl Trainer {
             history: Vec::new(),
             epoch_order: None,
             group_pos: 0,
+            scaler: (config_scaling == LossScaling::Dynamic).then(GradScaler::default),
         })
     }
 

@@ -55,6 +55,9 @@ pub struct Denoising<'a> {
     pub shuffle_caption: bool,
     pub keep_tokens: usize,
     pub caption_tag_dropout: f64,
+    /// Gradient checkpointing of the UNet (and the text encoder when it trains), on top of
+    /// what the models' own switches say.
+    pub gradient_checkpointing: bool,
 }
 
 impl<'a> Denoising<'a> {
@@ -70,6 +73,7 @@ impl<'a> Denoising<'a> {
             shuffle_caption: cfg.shuffle_caption,
             keep_tokens: cfg.keep_tokens,
             caption_tag_dropout: cfg.caption_tag_dropout,
+            gradient_checkpointing: cfg.gradient_checkpointing,
         })
     }
 
@@ -158,7 +162,8 @@ impl<'a> Denoising<'a> {
                         Cond::Embedding(_) => "",
                     })
                     .collect();
-                let e = sd.encode_prompts(&refs)?;
+                let ckpt = self.gradient_checkpointing || sd.text_encoder.gradient_checkpointing;
+                let e = sd.encode_prompts_with(&refs, ckpt && self.train_text_encoder)?;
                 // a frozen text encoder's output needs no graph
                 if self.train_text_encoder {
                     e
@@ -191,7 +196,11 @@ impl<'a> Denoising<'a> {
             let tt = Tensor::new(t, dev)?;
             let noisy = self.noise.add_noise(&x0, &noise, &tt)?;
             let target = self.noise.training_target(&x0, &noise, &tt)?;
-            let pred = sd.unet.forward(&noisy, &tt, &ctx)?.to_dtype(DType::F32)?;
+            let ckpt = self.gradient_checkpointing || sd.unet.gradient_checkpointing;
+            let pred = sd
+                .unet
+                .forward_with(&noisy, &tt, &ctx, ckpt)?
+                .to_dtype(DType::F32)?;
             losses.push((pred - target)?.sqr()?.flatten_from(1)?.mean(1)?);
         }
         if groups.len() == 1 {

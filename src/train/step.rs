@@ -10,15 +10,20 @@ use std::time::Instant;
 use super::{Objective, StepRecord, Trainer};
 
 /// The gradient of `loss` for each of `vars`, in order; fails naming a variable no gradient
-/// reached (a layer cut off from the loss, or an op without a backward pass).
+/// reached (a layer cut off from the loss, or an op without a backward pass). Gradients that
+/// gradient-checkpointed blocks compute during backward are included.
 pub fn grads_of(loss: &Tensor, vars: &[(String, Var)]) -> Result<Vec<Tensor>> {
-    let grads = loss.backward()?;
+    let wanted: Vec<&Tensor> = vars.iter().map(|(_, v)| v.as_tensor()).collect();
+    let (grads, from_blocks) = crate::ops::backward_with_checkpoints(loss, &wanted)?;
     vars.iter()
         .map(|(name, v)| {
-            grads
-                .get(v.as_tensor())
-                .cloned()
-                .with_context(|| format!("no gradient reached {name}"))
+            let direct = grads.get(v.as_tensor()).cloned();
+            Ok(match (direct, from_blocks.get(&v.id())) {
+                (Some(a), Some(b)) => (a + b)?,
+                (Some(a), None) => a,
+                (None, Some(b)) => b.clone(),
+                (None, None) => bail!("no gradient reached {name}"),
+            })
         })
         .collect()
 }
@@ -122,6 +127,7 @@ impl Trainer {
         let lr = lrs[0];
         let mut sum: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0;
+        let scale = self.scaler.map_or(1.0, |s| s.scale);
         let mut rng = self.rng.clone();
         for batch in group {
             let loss = objective.loss(batch, &mut rng)?;
@@ -134,7 +140,8 @@ impl Trainer {
                 );
             }
             loss_sum += lv;
-            let g = grads_of(&loss, &self.optimizer.vars)?;
+            let scaled = if scale == 1.0 { loss } else { (loss * scale)? };
+            let g = grads_of(&scaled, &self.optimizer.vars)?;
             sum = Some(match sum {
                 None => g,
                 Some(s) => s
@@ -146,12 +153,21 @@ impl Trainer {
         }
         self.rng = rng;
         let k = group.len() as f64;
+        // averaged over the micro-batches, and unscaled
         let mut grads: Vec<Tensor> = sum
             .context("empty step")?
             .iter()
-            .map(|g| g / k)
+            .map(|g| g / (k * scale))
             .collect::<candle_core::Result<_>>()?;
         let norm = global_norm(&grads)?;
+        if let Some(scaler) = &mut self.scaler {
+            let overflow = !norm.is_finite();
+            scaler.update(overflow);
+            if overflow {
+                // the scale was too large: this step's update is skipped
+                return Ok(self.record(started, lr, loss_sum / k, norm));
+            }
+        }
         if let Some(max) = self.config.max_grad_norm {
             if norm > max {
                 let s = max / (norm + 1e-6);
@@ -162,17 +178,22 @@ impl Trainer {
             }
         }
         self.optimizer.step_groups(&grads, &lrs)?;
+        Ok(self.record(started, lr, loss_sum / k, norm))
+    }
+
+    /// Counts the step (applied, or skipped for an overflow) and records it.
+    fn record(&mut self, started: Instant, lr: f64, loss: f64, grad_norm: f64) -> StepRecord {
         self.step += 1;
         self.group_pos += 1;
         let rec = StepRecord {
             step: self.step,
             epoch: self.epoch,
-            loss: loss_sum / k,
+            loss,
             lr,
-            grad_norm: norm,
+            grad_norm,
             seconds: started.elapsed().as_secs_f64(),
         };
         self.history.push(rec);
-        Ok(rec)
+        rec
     }
 }

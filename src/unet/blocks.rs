@@ -98,13 +98,14 @@ impl DownBlock {
         x: &Tensor,
         temb: &Tensor,
         ctx: &Tensor,
+        ckpt: bool,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut h = x.clone();
         let mut states = Vec::new();
         for (i, r) in self.resnets.iter().enumerate() {
-            h = r.forward(&h, Some(temb))?;
+            h = resnet(r, &h, temb, ckpt)?;
             if let Some(a) = self.attentions.get(i) {
-                h = a.forward(&h, ctx)?;
+                h = attention(a, &h, ctx, ckpt)?;
             }
             states.push(h.clone());
         }
@@ -142,10 +143,10 @@ impl MidBlock {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor) -> Result<Tensor> {
-        let h = self.resnets[0].forward(x, Some(temb))?;
-        let h = self.attentions[0].forward(&h, ctx)?;
-        self.resnets[1].forward(&h, Some(temb))
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor, ckpt: bool) -> Result<Tensor> {
+        let h = resnet(&self.resnets[0], x, temb, ckpt)?;
+        let h = attention(&self.attentions[0], &h, ctx, ckpt)?;
+        resnet(&self.resnets[1], &h, temb, ckpt)
     }
 }
 
@@ -219,15 +220,16 @@ impl UpBlock {
         temb: &Tensor,
         ctx: &Tensor,
         size: Option<(usize, usize)>,
+        ckpt: bool,
     ) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, r) in self.resnets.iter().enumerate() {
             let Some(skip) = skips.pop() else {
                 bail!("UNet internal error: ran out of skip connections")
             };
-            h = r.forward(&Tensor::cat(&[&h, &skip], 1)?, Some(temb))?;
+            h = resnet(r, &Tensor::cat(&[&h, &skip], 1)?, temb, ckpt)?;
             if let Some(a) = self.attentions.get(i) {
-                h = a.forward(&h, ctx)?;
+                h = attention(a, &h, ctx, ckpt)?;
             }
         }
         if let Some(u) = &self.upsampler {
@@ -235,6 +237,34 @@ impl UpBlock {
         }
         Ok(h)
     }
+}
+
+/// `r(h, temb)`; with `ckpt`, gradient-checkpointed (recomputed during backward).
+fn resnet(r: &ResnetBlock2D, h: &Tensor, temb: &Tensor, ckpt: bool) -> Result<Tensor> {
+    if !ckpt {
+        return r.forward(h, Some(temb));
+    }
+    let r = r.clone();
+    Ok(crate::ops::checkpoint(
+        h,
+        temb,
+        "a UNet resnet",
+        std::sync::Arc::new(move |h, t| r.forward(h, Some(t))),
+    )?)
+}
+
+/// `a(h, ctx)`; with `ckpt`, gradient-checkpointed.
+fn attention(a: &Transformer2DModel, h: &Tensor, ctx: &Tensor, ckpt: bool) -> Result<Tensor> {
+    if !ckpt {
+        return a.forward(h, ctx);
+    }
+    let a = a.clone();
+    Ok(crate::ops::checkpoint(
+        h,
+        ctx,
+        "a UNet transformer block",
+        std::sync::Arc::new(move |h, c| a.forward(h, c)),
+    )?)
 }
 
 /// Reads every LoRA-capable linear of a set of resnets and attentions (order of [`visit`]).

@@ -35,6 +35,11 @@ pub struct UNet2DConditionModel {
     params: Vec<ParamRecord>,
     dtype: DType,
     device: Device,
+    /// Recompute every resnet and transformer block during backward instead of keeping their
+    /// activations (diffusers' `enable_gradient_checkpointing`): less memory, one more forward
+    /// per step. Gradients are unchanged; backward must run through
+    /// [`crate::train::step::grads_of`]. Default false.
+    pub gradient_checkpointing: bool,
 }
 
 /// Resolves a diffusers UNet folder: `dir/unet/config.json` (pipeline root) or
@@ -152,6 +157,7 @@ impl UNet2DConditionModel {
             params: ws.records(),
             dtype: ws.dtype(),
             device: ws.device().clone(),
+            gradient_checkpointing: false,
         })
     }
 
@@ -210,6 +216,23 @@ impl UNet2DConditionModel {
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
+        self.forward_with(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            self.gradient_checkpointing,
+        )
+    }
+
+    /// [`Self::forward`], gradient-checkpointed when `checkpointing` (whatever
+    /// [`Self::gradient_checkpointing`] says).
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        checkpointing: bool,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = sample.dims4().with_context(|| {
             format!("UNet sample must be [B, C, H, W], got {:?}", sample.dims())
         })?;
@@ -255,14 +278,15 @@ impl UNet2DConditionModel {
         )?;
         let temb = self.time_embedding.forward(&tf.to_dtype(self.dtype)?)?;
 
+        let ckpt = checkpointing;
         let mut x = self.conv_in.forward(&x)?;
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
-            let (h, states) = block.forward(&x, &temb, &ctx)?;
+            let (h, states) = block.forward(&x, &temb, &ctx, ckpt)?;
             x = h;
             skips.extend(states);
         }
-        x = self.mid_block.forward(&x, &temb, &ctx)?;
+        x = self.mid_block.forward(&x, &temb, &ctx, ckpt)?;
         let n = self.up_blocks.len();
         for (i, block) in self.up_blocks.iter().enumerate() {
             let used = block.resnets.len();
@@ -272,7 +296,7 @@ impl UNet2DConditionModel {
             } else {
                 None
             };
-            x = block.forward(&x, &mut skips, &temb, &ctx, size)?;
+            x = block.forward(&x, &mut skips, &temb, &ctx, size, ckpt)?;
         }
         let x = ops::silu(&self.conv_norm_out.forward(&x)?)?;
         self.conv_out.forward(&x)
