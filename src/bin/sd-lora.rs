@@ -49,6 +49,7 @@ fn run(command: Command) -> Result<()> {
                 cfg.out.display()
             );
         }
+        Command::EstimateMemory(a) => println!("{}", commands::estimate::estimate_memory(&a)?),
         Command::Plot(a) => println!("{}", commands::plot::plot_runs(&a)?),
         Command::Bench(a) => {
             let report = commands::bench::bench(&a)?;

@@ -10,6 +10,7 @@ pub mod convert;
 pub mod convert_model;
 pub mod data;
 pub mod demo;
+pub mod estimate;
 pub mod forward;
 pub mod generate;
 pub mod inspect;
@@ -64,6 +65,9 @@ pub enum Command {
     /// Times a LoRA training step (`train`), a 20-step generation (`generate`) or applying a
     /// LoRA file (`lora-load`).
     Bench(bench::BenchArgs),
+    /// Predicts the peak memory of `train` with the same flags, broken down; with --vram, the
+    /// largest batch that fits and the flags that would make it fit.
+    EstimateMemory(estimate::EstimateArgs),
 }
 
 #[cfg(test)]

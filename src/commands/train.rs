@@ -351,6 +351,10 @@ pub fn train(opts: &TrainOptions) -> Result<String> {
             "train.train_text_encoder is on but no text-encoder LoRA config is given"
         );
     }
+    match super::estimate::train_estimate(opts, &sd) {
+        Ok(line) => eprintln!("{line}"),
+        Err(e) => eprintln!("warning: no memory estimate: {e:#}"),
+    }
     let cache = build_cache(opts, &sd, &data, "")?;
     let class_cache = match &class {
         Some(c) => Some(build_cache(opts, &sd, c, "class images' ")?),

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dreambooth;
 pub mod hooks;
+pub mod memory;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
