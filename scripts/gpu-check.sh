@@ -7,9 +7,48 @@
 # `run` prints the GPU and driver, runs tests/cuda.rs (CPU-vs-GPU parity of the tiny model's
 # UNet output and LoRA gradients in f32 and bf16, chunked attention, generation in f32 / bf16 /
 # f16 without NaN), then times SD 1.5-config LoRA training steps (random weights, rank 16 on
-# q,k,v, 512 px = 64x64 latents) and prints a table of s/step and GPU memory in use.
+# q,k,v, 512 px = 64x64 latents) and prints a table of s/step and GPU memory in use; then the
+# side-by-side table: the same SD 1.5 shapes in ours and in diffusers + PEFT on the same GPU
+# (training at batch 1 and 4 in bf16 and fp16, with and without gradient checkpointing;
+# 20-step CFG generation), with `estimate-memory`'s prediction beside each of our runs.
+# The GPU machine has PyTorch, transformers and PEFT but not diffusers: `prepare` downloads
+# the pure-Python wheels diffusers 0.42.1 and importlib_metadata into gpu-check/whl, and `run`
+# installs them there with pip --no-index (nothing is fetched there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# ours and diffusers + PEFT on the same shapes, one table (called by `run`)
+side_by_side() {
+    local out=$1 ours theirs est gc
+    if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site gpu-check/whl/*.whl; then
+        export PYTHONPATH=/tmp/site
+    else
+        echo "the carried diffusers wheels did not install: the diffusers columns will fail"
+    fi
+    mkdir -p "$HOME/.cache/sd-lora/clip-bpe" && cp gpu-check/clip-bpe/*.gz "$HOME/.cache/sd-lora/clip-bpe/"
+    echo
+    echo "| SD 1.5, 512 px | dtype | ours s | diffusers s | ours GPU MiB | diffusers GPU MiB (peak allocated) | estimate MiB |"
+    echo "|---|---|---|---|---|---|---|"
+    for spec in "1 bf16 -" "4 bf16 -" "1 bf16 gc" "4 bf16 gc" "4 fp16 -" "4 fp16 gc"; do
+        set -- $spec
+        gc=""; [[ $3 == gc ]] && gc="--gradient-checkpointing"
+        ours=$(timeout 150 ./gpu-check/bin/sd-lora bench train --model sd15 --latent 64 --batch "$1" \
+            --dtype "${2/fp16/f16}" --device cuda --steps 5 $gc --json 2>>"$out/side.err" || echo '{}')
+        theirs=$(timeout 150 python3 benches/peer/train_diffusers.py --model sd15 --latent 64 --batch "$1" \
+            --device cuda --dtype "$2" --steps 5 $gc 2>>"$out/side.err" | tail -1 || echo '{}')
+        est=$(./gpu-check/bin/sd-lora estimate-memory --model sd15 --resolution 512 --batch-size "$1" \
+            --dtype "${2/fp16/f16}" --device cuda $gc --json 2>>"$out/side.err" || echo '{}')
+        printf '%s\n%s\n%s\n' "$ours" "$theirs" "$est" >> "$out/side.jsonl"
+        python3 benches/peer/gpu_row.py train "$1" "$2" "$3" "$ours" "$theirs" "$est"
+    done
+    ours=$(timeout 150 ./gpu-check/bin/sd-lora bench generate --model sd15 --latent 64 --batch 1 \
+        --dtype bf16 --device cuda --steps 3 --json 2>>"$out/side.err" || echo '{}')
+    theirs=$(timeout 150 python3 benches/peer/generate_diffusers.py --model sd15 --latent 64 --batch 1 \
+        --device cuda --dtype bf16 --steps 3 2>>"$out/side.err" | tail -1 || echo '{}')
+    printf '%s\n%s\n' "$ours" "$theirs" >> "$out/side.jsonl"
+    python3 benches/peer/gpu_row.py generate bf16 "$ours" "$theirs"
+}
+
 case "${1:-}" in
 prepare)
     source scripts/cuda-env.sh
@@ -28,6 +67,12 @@ for l in sys.stdin:
     strip -o gpu-check/bin/sd-lora "$CARGO_TARGET_DIR/release/sd-lora"
     strip -o gpu-check/bin/cuda-tests "$test_bin"
     gzip -9 gpu-check/bin/sd-lora gpu-check/bin/cuda-tests
+    rm -rf gpu-check/whl && mkdir -p gpu-check/whl gpu-check/clip-bpe
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+        -d gpu-check/whl diffusers==0.42.1 importlib_metadata==8.7.0
+    ./scripts/fetch-clip-bpe.sh
+    cp "${SD_LORA_CACHE:-$HOME/.cache/sd-lora}/clip-bpe/bpe_simple_vocab_16e6.txt.gz" gpu-check/clip-bpe/
     grep -qx '/gpu-check/' .git/info/exclude 2>/dev/null || echo '/gpu-check/' >> .git/info/exclude
     ls -la gpu-check/bin
     echo "now: device run with carry [\"gpu-check\"] and command ./scripts/gpu-check.sh run"
@@ -60,6 +105,7 @@ else:
     med, lo, hi, mem = r["median_s"], r["min_s"], r["max_s"], r["gpu_mem_mib"] or 0
     print(f"| SD 1.5 LoRA train, {int(lat)*8} px, batch {b} | {dt} | {med:.3f} | {lo:.3f} | {hi:.3f} | {mem:.0f} MiB |")' "$line" "$@"
     done
+    side_by_side "$out"
     ;;
 *)
     echo "usage: $0 prepare|run" >&2

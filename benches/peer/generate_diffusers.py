@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """`sd-lora bench generate` in diffusers: CFG 7.5, DDIM, 20 steps, `--batch` images per prompt,
-random weights, CPU f32, 2 threads, text encoding and VAE decoding included. Prints the same
+random weights, CPU f32, 2 threads (or `--device cuda --dtype bf16|fp16|fp32`), text encoding
+and VAE decoding included. Prints the same
 JSON line as `sd-lora bench generate --json`. Needs the CLIP BPE list (scripts/fetch-clip-bpe.sh).
 
     ~/.cache/sd-lora/golden-venv/bin/python benches/peer/generate_diffusers.py --model tiny --latent 16
@@ -42,7 +43,11 @@ p.add_argument("--model", default="tiny", choices=CONFIGS)
 p.add_argument("--latent", type=int, default=16)
 p.add_argument("--batch", type=int, default=1)
 p.add_argument("--steps", type=int, default=3, help="timed runs after a 1-step warm-up")
+p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
 a = p.parse_args()
+dev = torch.device(a.device)
+wdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
 u, v, t = CONFIGS[a.model]
 torch.manual_seed(0)
 te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", **t))
@@ -54,6 +59,13 @@ pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=une
                                                        steps_offset=1, clip_sample=False, set_alpha_to_one=False),
                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 pipe.set_progress_bar_config(disable=True)
+pipe.to(dev, wdt)
+
+
+def sync():
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
 kw = dict(prompt="a photo of a cat", num_inference_steps=20, guidance_scale=7.5, height=px, width=px,
           num_images_per_prompt=a.batch)
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -63,8 +75,14 @@ with torch.no_grad():
     for _ in range(a.steps):
         s = time.perf_counter()
         pipe(**kw)
+        sync()
         ts.append(time.perf_counter() - s)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the FLOP count
+    gpu = {}
+    if dev.type == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        gpu = dict(gpu_mem_mib=(total - free) / 2**20, device="cuda", dtype=a.dtype,
+                   gpu_peak_allocated_mib=torch.cuda.max_memory_allocated() / 2**20)
     with FlopCounterMode(display=False) as fc:  # matmul/conv/attention FLOPs, after the timing
         pipe(**kw)
 ts.sort()
@@ -72,4 +90,4 @@ print(json.dumps(dict(
     kind="generate", model=a.model, latent=a.latent, batch=a.batch, steps=a.steps, median_s=ts[len(ts) // 2],
     min_s=ts[0], max_s=ts[-1], peak_rss_mib=rss,
     total_params=sum(q.numel() for m in (unet, vae, te) for q in m.parameters()),
-    threads=torch.get_num_threads(), flops=fc.get_total_flops(), implementation="diffusers")))
+    threads=torch.get_num_threads(), flops=fc.get_total_flops(), implementation="diffusers", **gpu)))

@@ -312,6 +312,12 @@ pub fn bench_train(cfg: &BenchConfig) -> Result<BenchReport> {
         lr: 1e-4,
         schedule: crate::train::LrSchedule::Constant,
         train_text_encoder: cfg.train_text_encoder,
+        // as `sd-lora train` does for f16 weights
+        loss_scaling: if dt == DType::F16 {
+            crate::train::LossScaling::Dynamic
+        } else {
+            crate::train::LossScaling::Auto
+        },
         ..Default::default()
     };
     let te = if cfg.train_text_encoder {
