@@ -797,6 +797,7 @@ fn f16_training_scales_the_loss_and_resumes_bit_identically() {
         log.contains("f16: dynamic loss scaling from 65536"),
         "{log}"
     );
+    assert!(log.contains("memory estimate: peak"), "{log}");
     let meta = sd_lora_meta(&s.out("straight").join("lora.safetensors"));
     assert_eq!(meta["ss_mixed_precision"], "fp16");
     assert_eq!(meta["ss_gradient_checkpointing"], "True");
