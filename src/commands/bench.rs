@@ -73,12 +73,19 @@ pub struct BenchArgs {
     /// larger layers run in query chunks). A huge value keeps every score matrix whole.
     #[arg(long, value_parser = count)]
     pub attention_chunk_mib: Option<usize>,
+    /// Use the reference attention on the CPU (whole score matrices, or chunks of candle
+    /// ops) instead of the fused kernel, to compare them.
+    #[arg(long)]
+    pub reference_attention: bool,
 }
 
 /// Runs the benchmark `a` describes (sets the attention chunk size first when given).
 pub fn bench(a: &BenchArgs) -> Result<BenchReport> {
     if let Some(mib) = a.attention_chunk_mib {
         crate::ops::set_attention_chunk_bytes(mib.saturating_mul(1 << 20));
+    }
+    if a.reference_attention {
+        crate::ops::set_fused_attention(false);
     }
     a.model.refuse_unused("bench", &[])?;
     let (device, dtype) = a.model.resolve()?;

@@ -10,6 +10,7 @@ mod attention;
 pub mod checkpoint;
 mod col2im;
 mod cpu;
+mod flash;
 mod frozen;
 mod geglu;
 mod group_norm;
@@ -25,6 +26,7 @@ pub use attention::{
 };
 pub use checkpoint::{backward_with_checkpoints, checkpoint};
 pub use col2im::{conv2d_im2col, conv2d_input_grad};
+pub use flash::{flash_attention, fused_attention, set_fused_attention};
 pub use frozen::{frozen_conv2d, frozen_linear};
 pub use geglu::geglu;
 pub use group_norm::group_norm;

@@ -125,8 +125,13 @@ impl EncoderLayer {
         let q = split((self.q_proj.forward(&h)? * (d as f64).powf(-0.5))?)?;
         let k = split(self.k_proj.forward(&h)?)?;
         let v = split(self.v_proj.forward(&h)?)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
-        let attn = ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        // `mask` is CLIP's causal mask: the fused kernel applies it itself
+        let attn = if q.device().is_cpu() && ops::fused_attention() {
+            ops::flash_attention(&q, &k, &v, true)?
+        } else {
+            let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+            ops::softmax_last_dim(&scores)?.matmul(&v)?
+        };
         let attn = attn
             .reshape((b, heads, t, d))?
             .transpose(1, 2)?

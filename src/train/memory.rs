@@ -238,6 +238,8 @@ impl MemoryQuery {
         let depth = cfg.transformer_layers()?;
         let b = self.batch as f64;
         let budget = self.attention_budget as f64;
+        // the fused CPU kernel holds one 64 x 128 tile per thread, never a score matrix
+        let fused = !self.gpu && crate::ops::fused_attention();
         let (mut h, mut wd) = self.latent;
         let mut hw = Vec::new();
         for _ in 0..n {
@@ -280,9 +282,10 @@ impl MemoryQuery {
         let attn_blocks = |walk: &mut Walk, name: &str, c: f64, px: f64, heads: f64, d: usize| {
             walk.tracking |= has(name);
             let t = 77.0;
-            // attention scores: whole (scores + probabilities) when small, else chunked
+            // attention scores: the fused CPU kernel and the chunked path keep the row
+            // log-sum-exp only; the plain path (small layers elsewhere) scores + probabilities
             let scores = |m: f64| {
-                if b * heads * px * m * 4.0 <= budget {
+                if !fused && b * heads * px * m * 4.0 <= budget {
                     2.0 * b * heads * px * m
                 } else {
                     b * heads * px
@@ -296,9 +299,11 @@ impl MemoryQuery {
                 + 4.0 * b * t * c
                 + 2.0 * b * px * c * (linears + other) / d as f64;
             let v = b * px * c * 5.0 + per_block * d as f64;
-            walk.largest_scores = walk
-                .largest_scores
-                .max((b * heads * px * px * 4.0).min(budget));
+            if !fused {
+                walk.largest_scores = walk
+                    .largest_scores
+                    .max((b * heads * px * px * 4.0).min(budget));
+            }
             if walk.tracking {
                 walk.kept += v;
             }

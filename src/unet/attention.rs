@@ -62,7 +62,9 @@ impl Attention {
         // the whole score matrix when it is small; in query chunks with recomputation in the
         // backward when it is large (SD 1.5 at 512 px: 4096 x 4096 per head)
         let budget = ops::attention_chunk_bytes(q.device());
-        let out = if b * h * n * m * 4 <= budget {
+        let out = if q.device().is_cpu() && ops::fused_attention() {
+            ops::flash_attention(&q, &k, &v, false)?
+        } else if b * h * n * m * 4 <= budget {
             ops::softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(&v)?
         } else {
             let rows = ops::attention_chunk_rows(b * h, m, budget);

@@ -48,8 +48,12 @@ impl VaeAttention {
         let q = (self.to_q.forward(&t)? * (c as f64).powf(-0.5))?;
         let k = self.to_k.forward(&t)?;
         let v = self.to_v.forward(&t)?;
-        let probs = ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let o = self.to_out.forward(&probs.matmul(&v)?)?;
+        let attn = if q.device().is_cpu() && ops::fused_attention() {
+            ops::flash_attention(&q, &k, &v, false)?
+        } else {
+            ops::softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(&v)?
+        };
+        let o = self.to_out.forward(&attn)?;
         Ok((o.transpose(1, 2)?.reshape((b, c, h, w))? + x)?)
     }
 }
