@@ -193,7 +193,7 @@ impl MemoryQuery {
         let baseline = if self.gpu {
             450.0 * MIB
         } else {
-            20.0 * MIB + 0.03 * (kept + transient + te_acts)
+            12.0 * MIB + 0.03 * (kept + transient + te_acts)
         };
         let caching = match self.vae_cache {
             // one image through the VAE encoder (no graph): the first level's 3x3 convolution
