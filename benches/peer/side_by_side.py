@@ -21,9 +21,12 @@ PEER = {"train": os.path.join(ROOT, "benches", "peer", "train_diffusers.py"),
 # (what, model, latent, batch, steps)
 CASES = [
     ("train", "tiny", 32, 4, 5),
+    ("train", "tiny", 16, 4, 5),  # the demo's shape
     ("train", "sd15", 32, 1, 3),
+    ("train", "sd15", 64, 1, 2),  # 512 px
     ("generate", "tiny", 16, 1, 3),
     ("generate", "sd15", 16, 1, 1),
+    ("generate", "sd15", 64, 1, 1),  # 512 px, 20 DDIM steps, CFG
 ]
 
 
