@@ -488,3 +488,38 @@ fn attention_row_kernels_match_candle_compositions() {
         assert!(ops::mul_sub_rows(&p, &dp, &bad).is_err());
     }
 }
+
+/// Large convolutions build their im2col columns in bands of output rows (at most 64 MiB at a
+/// time); the result equals candle's convolution, batched and strided too.
+#[test]
+fn banded_im2col_convolution_matches_candle() {
+    use sd_lora::weights::randn_seeded;
+    let dev = candle_core::Device::Cpu;
+    // (input [b, cin, h, w], cout, padding, stride): 5 bands; 2 bands with a stride and a batch
+    for (x, cout, pad, stride) in [
+        ([1usize, 128, 256, 256], 16usize, 1usize, 1usize),
+        ([2, 96, 300, 200], 8, 1, 2),
+    ] {
+        let xs = randn_seeded(1, &x, 1.0, &dev).unwrap();
+        let w = randn_seeded(2, &[cout, x[1], 3, 3], 0.05, &dev).unwrap();
+        let ours = sd_lora::ops::conv2d_im2col(&xs, &w, pad, stride).unwrap();
+        let theirs = xs.conv2d(&w, pad, stride, 1, 1).unwrap();
+        assert_eq!(ours.dims(), theirs.dims());
+        let diff = (&ours - &theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let max = theirs
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff <= 1e-5 * max, "{x:?}: {diff} of {max}");
+    }
+}

@@ -196,10 +196,14 @@ impl MemoryQuery {
             12.0 * MIB + 0.03 * (kept + transient + te_acts)
         };
         let caching = match self.vae_cache {
-            // one image through the VAE encoder (no graph): the first level's 3x3 convolution
-            // at full resolution holds its im2col columns (9 x c0 values per pixel) beside ~5
-            // activations of c0 channels (measured: 14.0 x at 256 and 512 px for SD 1.5)
-            Some((h, wd, c0)) => 14.0 * (c0 * h * wd) as f64 * s,
+            // one image through the VAE encoder (no graph): ~5.5 activations of the first
+            // level's c0 channels at full resolution, beside the 3x3 convolutions' im2col
+            // columns (9 x c0 values per pixel, built in bands of at most 64 MiB). Measured for
+            // SD 1.5's VAE: 221, 770 and 1,730 MiB at 256, 512 and 768 px.
+            Some((h, wd, c0)) => {
+                let level0 = (c0 * h * wd) as f64 * s;
+                5.5 * level0 + (9.0 * level0).min(64.0 * MIB)
+            }
             None => 0.0,
         };
         let training = kept + transient + te_acts;
