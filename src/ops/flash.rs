@@ -160,7 +160,7 @@ fn forward<T>(
     causal: bool,
 ) -> candle_core::Result<(Tensor, Tensor)>
 where
-    T: Elem<C = T> + Float + candle_core::WithDType,
+    T: Elem<C = T> + Float + candle_core::WithDType + std::ops::MulAssign,
 {
     let (bh, n, d) = q.dims3()?;
     let (_, m, dv) = v.dims3()?;
@@ -184,7 +184,7 @@ where
                     let r0 = t * BR;
                     let nr = lse_t.len();
                     let mut s = vec![T::zero(); nr * BC];
-                    let mut raw = vec![T::zero(); BC];
+                    let mut raw = [T::zero(); BC];
                     let mut mrow = vec![T::neg_infinity(); nr];
                     let mut lrow = vec![T::zero(); nr];
                     acc.fill(T::zero());
@@ -219,7 +219,7 @@ where
                             T::exp_sub_c(row, &raw[..nc], mx);
                             lrow[i] = lrow[i] * keep + row.iter().fold(T::zero(), |a, &x| a + x);
                             for o in &mut acc[i * dv..(i + 1) * dv] {
-                                *o = *o * keep;
+                                *o *= keep;
                             }
                             mrow[i] = mx;
                         }
@@ -238,7 +238,7 @@ where
                     for i in 0..nr {
                         let inv = T::one() / lrow[i];
                         for o in &mut acc[i * dv..(i + 1) * dv] {
-                            *o = *o * inv;
+                            *o *= inv;
                         }
                         lse_t[i] = mrow[i] + lrow[i].ln();
                     }
@@ -262,7 +262,7 @@ fn backward<T>(
     causal: bool,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)>
 where
-    T: Elem<C = T> + Float + candle_core::WithDType,
+    T: Elem<C = T> + Float + candle_core::WithDType + std::ops::MulAssign,
 {
     let (bh, n, d) = q.dims3()?;
     let (_, m, dv) = v.dims3()?;
@@ -288,7 +288,7 @@ where
                 .collect();
             let mut p = vec![T::zero(); BR * BC];
             let mut dp = vec![T::zero(); BR * BC];
-            let mut raw = vec![T::zero(); BC];
+            let mut raw = [T::zero(); BC];
             let mut c0 = 0;
             while c0 < m {
                 let nc = BC.min(m - c0);
