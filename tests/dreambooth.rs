@@ -303,3 +303,39 @@ fn class_image_generation_resumes_where_it_stopped_and_makes_the_same_images() {
     let err = bad.ensure(&sd, lines, &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("class prompt"), "{err}");
 }
+
+#[test]
+fn an_instance_prompt_names_the_caption_files_it_leaves_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..3u8 {
+        image::RgbImage::from_pixel(32, 32, image::Rgb([i * 50, 10, 10]))
+            .save(dir.path().join(format!("{i}.png")))
+            .unwrap();
+    }
+    std::fs::write(dir.path().join("1.txt"), "a tag, another").unwrap();
+    let cfg = DataConfig {
+        width: 32,
+        height: 32,
+        captions: CaptionSource::Fixed("a photo of sks dog".into()),
+        ..Default::default()
+    };
+    let data = ImageFolder::load(dir.path(), &cfg).unwrap();
+    assert!(data
+        .examples
+        .iter()
+        .all(|e| e.caption == "a photo of sks dog"));
+    let w = data.warnings.join("\n");
+    assert!(
+        w.contains("1 caption file(s) are not used") && w.contains("1.txt"),
+        "{w}"
+    );
+    // sidecar captions read them, and say nothing of the kind
+    let sidecar = DataConfig {
+        captions: CaptionSource::Sidecar {
+            fallback: String::new(),
+        },
+        ..cfg
+    };
+    let data = ImageFolder::load(dir.path(), &sidecar).unwrap();
+    assert!(!data.warnings.join("\n").contains("are not used"));
+}

@@ -330,6 +330,8 @@ impl ImageFolder {
         let mut warnings = layout_warnings;
         let mut skipped = 0;
         let mut no_sidecar: Vec<PathBuf> = Vec::new();
+        // caption files a fixed caption (an instance prompt) leaves unread
+        let mut unused_sidecars: Vec<PathBuf> = Vec::new();
         for (p, repeats, dataset_dir, class_text) in paths {
             let img = match image::open(&p) {
                 Ok(i) => i,
@@ -402,8 +404,11 @@ impl ImageFolder {
                 (c, _) => c.clone(),
             };
             let (caption, missing) = read_caption(&p, &source, &cfg.caption_extension)?;
+            let sidecar = p.with_extension(cfg.caption_extension.trim_start_matches('.'));
             if missing && class_text.is_none() {
-                no_sidecar.push(p.with_extension(cfg.caption_extension.trim_start_matches('.')));
+                no_sidecar.push(sidecar);
+            } else if matches!(cfg.captions, CaptionSource::Fixed(_)) && sidecar.is_file() {
+                unused_sidecars.push(sidecar);
             }
             examples.push(Example {
                 caption,
@@ -431,6 +436,14 @@ impl ImageFolder {
                 "{} of {} images have no caption sidecar (first: {}); they use the fallback caption {fallback:?}",
                 no_sidecar.len(),
                 examples.len(),
+                first.display()
+            ));
+        }
+        if let (Some(first), CaptionSource::Fixed(text)) = (unused_sidecars.first(), &cfg.captions)
+        {
+            warnings.push(format!(
+                "{} caption file(s) are not used (first: {}): every image is captioned {text:?}",
+                unused_sidecars.len(),
                 first.display()
             ));
         }

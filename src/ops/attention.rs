@@ -11,9 +11,10 @@
 //! Scores and softmax statistics are computed in f32 (f64 for f64 inputs); the matmuls run in
 //! the input dtype (bf16/f16 on GPUs).
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::stored::Stored;
 
 /// Default of [`attention_chunk_bytes`] on GPUs: 256 MiB (fewer, larger kernels).
 pub const ATTENTION_CHUNK_BYTES: usize = 256 << 20;
@@ -68,7 +69,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: usize) -> candle_cor
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
-    q.apply_op3(k, v, AttentionOp { out, lse, chunk })
+    q.apply_op3(
+        k,
+        v,
+        AttentionOp {
+            out: Stored::new(out, "sd-lora-chunked-attention"),
+            lse,
+            chunk,
+        },
+    )
 }
 
 /// The dtype of scores and softmax statistics: f64 for f64 inputs, else f32.
@@ -108,25 +117,10 @@ fn forward(
 /// The graph node: its forward hands back the output computed by [`forward`]; its backward
 /// recomputes the probabilities chunk by chunk.
 struct AttentionOp {
-    out: Tensor,
+    /// The output until the node takes it (the backward reads the node's copy, `res`).
+    out: Stored,
     lse: Tensor,
     chunk: usize,
-}
-
-impl AttentionOp {
-    fn stored<S>(&self, pick: impl Fn(&Storage) -> Option<&S>) -> candle_core::Result<(S, Shape)>
-    where
-        S: BackendStorage,
-    {
-        let (storage, layout) = self.out.storage_and_layout();
-        let s = pick(&storage).ok_or_else(|| {
-            candle_core::Error::Msg("attention: output on another device than the inputs".into())
-        })?;
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            candle_core::bail!("attention: the stored output is not a plain contiguous tensor");
-        }
-        Ok((s.try_clone(layout)?, layout.shape().clone()))
-    }
 }
 
 impl CustomOp3 for AttentionOp {
@@ -143,10 +137,7 @@ impl CustomOp3 for AttentionOp {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.stored(|s| match s {
-            Storage::Cpu(c) => Some(c),
-            _ => None,
-        })
+        self.out.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -159,10 +150,7 @@ impl CustomOp3 for AttentionOp {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.stored(|s| match s {
-            Storage::Cuda(c) => Some(c),
-            _ => None,
-        })
+        self.out.cuda()
     }
 
     fn bwd(
@@ -170,7 +158,7 @@ impl CustomOp3 for AttentionOp {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.detach());
@@ -179,7 +167,7 @@ impl CustomOp3 for AttentionOp {
         let kt = k.t()?;
         let vt = v.t()?;
         // D_i = sum_j dO_ij O_ij = sum_j P_ij dP_ij
-        let rows = (grad.to_dtype(f)? * self.out.to_dtype(f)?)?.sum_keepdim(D::Minus1)?;
+        let rows = (grad.to_dtype(f)? * res.to_dtype(f)?)?.sum_keepdim(D::Minus1)?;
         let mut dq = Vec::new();
         let mut dk = Tensor::zeros(k.dims(), f, k.device())?;
         let mut dv = Tensor::zeros(v.dims(), f, v.device())?;

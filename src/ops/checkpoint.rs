@@ -13,10 +13,12 @@
 //! naming the block rather than dropping those gradients.
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, TensorId, Var};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, TensorId, Var};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use super::stored::Stored;
 
 /// A checkpointed block: `(a, b) -> y`, deterministic (it runs twice).
 pub type Block = Arc<dyn Fn(&Tensor, &Tensor) -> anyhow::Result<Tensor> + Send + Sync>;
@@ -51,7 +53,7 @@ pub fn checkpoint(
         b,
         anchor.as_tensor(),
         CheckpointOp {
-            y: Mutex::new(Some(y)),
+            y: Stored::new(y, "sd-lora-checkpoint"),
             name,
             f,
         },
@@ -98,29 +100,10 @@ fn collect(grads: &GradStore, name: &str) -> candle_core::Result<()> {
 }
 
 struct CheckpointOp {
-    /// The forward's output until the node takes it (then only the node holds it).
-    y: Mutex<Option<Tensor>>,
+    /// The forward's output until the node takes it.
+    y: Stored,
     name: &'static str,
     f: Block,
-}
-
-impl CheckpointOp {
-    fn stored<S>(&self, pick: impl Fn(&Storage) -> Option<&S>) -> candle_core::Result<(S, Shape)>
-    where
-        S: candle_core::backend::BackendStorage,
-    {
-        let y = self
-            .y
-            .lock()
-            .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned", self.name)))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.name)))?;
-        let (storage, layout) = y.storage_and_layout();
-        let s = pick(&storage).ok_or_else(|| {
-            candle_core::Error::Msg(format!("{}: output on another device", self.name))
-        })?;
-        Ok((s.try_clone(layout)?, layout.shape().clone()))
-    }
 }
 
 impl CustomOp3 for CheckpointOp {
@@ -137,10 +120,7 @@ impl CustomOp3 for CheckpointOp {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.stored(|s| match s {
-            Storage::Cpu(c) => Some(c),
-            _ => None,
-        })
+        self.y.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -153,10 +133,7 @@ impl CustomOp3 for CheckpointOp {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.stored(|s| match s {
-            Storage::Cuda(c) => Some(c),
-            _ => None,
-        })
+        self.y.cuda()
     }
 
     fn bwd(

@@ -11,12 +11,12 @@
 //! in the forward). f32 and f64 compute in their own type; f16/bf16 inputs are computed in
 //! f32. `q` comes scaled (as [`super::attention`]'s).
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
 use super::cpu::Elem;
+use super::stored::Stored;
 
 static FUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
@@ -79,23 +79,23 @@ pub fn flash_attention(
         k,
         v,
         FlashOp {
-            out: std::sync::Mutex::new(Some(out_t)),
+            out: Stored::new(out_t, "sd-lora-flash-attention"),
             lse,
             causal,
         },
     )
 }
 
-/// A contiguous CPU tensor's data.
-fn data<T: Elem>(t: &Tensor) -> candle_core::Result<Vec<T>> {
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cpu(c) = &*s else {
+/// A contiguous CPU tensor's data, borrowed from its storage (`s, l` from
+/// `storage_and_layout`, held by the caller).
+fn data<'a, T: Elem>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    let Storage::Cpu(c) = s else {
         candle_core::bail!("flash attention: not a CPU tensor");
     };
     let all =
         T::slice(c).ok_or_else(|| candle_core::Error::Msg("flash attention: dtype".into()))?;
     let start = l.start_offset();
-    Ok(all[start..start + l.shape().elem_count()].to_vec())
+    Ok(&all[start..start + l.shape().elem_count()])
 }
 
 /// `dst (rows x cols, row stride dst_rs) [+]= lhs · rhs`, each given by (pointer, row stride,
@@ -164,7 +164,16 @@ where
 {
     let (bh, n, d) = q.dims3()?;
     let (_, m, dv) = v.dims3()?;
-    let (qd, kd, vd) = (data::<T>(q)?, data::<T>(k)?, data::<T>(v)?);
+    let (qs, ks, vs) = (
+        q.storage_and_layout(),
+        k.storage_and_layout(),
+        v.storage_and_layout(),
+    );
+    let (qd, kd, vd) = (
+        data::<T>(&qs.0, qs.1)?,
+        data::<T>(&ks.0, ks.1)?,
+        data::<T>(&vs.0, vs.1)?,
+    );
     let mut out = vec![T::zero(); bh * n * dv];
     let mut lse = vec![T::zero(); bh * n];
     out.par_chunks_mut(n * dv)
@@ -266,8 +275,26 @@ where
 {
     let (bh, n, d) = q.dims3()?;
     let (_, m, dv) = v.dims3()?;
-    let (qd, kd, vd) = (data::<T>(q)?, data::<T>(k)?, data::<T>(v)?);
-    let (od, ld, gd) = (data::<T>(o)?, data::<T>(lse)?, data::<T>(g)?);
+    let (qs, ks, vs) = (
+        q.storage_and_layout(),
+        k.storage_and_layout(),
+        v.storage_and_layout(),
+    );
+    let (os, ls, gs) = (
+        o.storage_and_layout(),
+        lse.storage_and_layout(),
+        g.storage_and_layout(),
+    );
+    let (qd, kd, vd) = (
+        data::<T>(&qs.0, qs.1)?,
+        data::<T>(&ks.0, ks.1)?,
+        data::<T>(&vs.0, vs.1)?,
+    );
+    let (od, ld, gd) = (
+        data::<T>(&os.0, os.1)?,
+        data::<T>(&ls.0, ls.1)?,
+        data::<T>(&gs.0, gs.1)?,
+    );
     let mut dq = vec![T::zero(); bh * n * d];
     let mut dk = vec![T::zero(); bh * m * d];
     let mut dvv = vec![T::zero(); bh * m * dv];
@@ -382,7 +409,7 @@ where
 /// runs [`backward`].
 struct FlashOp {
     /// The output until the node takes it (the backward reads the node's own copy).
-    out: std::sync::Mutex<Option<Tensor>>,
+    out: Stored,
     lse: Tensor,
     causal: bool,
 }
@@ -401,17 +428,7 @@ impl CustomOp3 for FlashOp {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = self
-            .out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("flash attention: poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("flash attention: forward ran twice".into()))?;
-        let (storage, layout) = out.storage_and_layout();
-        let Storage::Cpu(c) = &*storage else {
-            candle_core::bail!("flash attention: output not on the CPU");
-        };
-        Ok((c.try_clone(layout)?, layout.shape().clone()))
+        self.out.cpu()
     }
 
     fn bwd(

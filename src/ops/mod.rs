@@ -19,6 +19,7 @@ mod rows;
 mod silu;
 mod simd;
 mod softmax;
+mod stored;
 
 pub use attention::{
     attention, attention_chunk_bytes, attention_chunk_rows, set_attention_chunk_bytes,

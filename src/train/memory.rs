@@ -34,7 +34,8 @@ pub struct MemoryQuery {
     pub batch: usize,
     /// Bytes per value of the frozen weights and activations (4 f32, 2 f16/bf16).
     pub dtype_bytes: usize,
-    pub lora: LoraConfig,
+    /// The UNet's adapters under the LoRA config ([`MemoryQuery::new`] counts them once).
+    pub adapters: UNetAdapters,
     pub gradient_checkpointing: bool,
     /// Attention score bytes materialised at once (see [`crate::ops::attention_chunk_bytes`]).
     pub attention_budget: usize,
@@ -42,6 +43,14 @@ pub struct MemoryQuery {
     pub vae_cache: Option<(usize, usize, usize)>,
     /// GPU (CUDA context and kernels' workspaces) rather than the CPU process.
     pub gpu: bool,
+}
+
+/// The UNet's LoRA layout: adapted module names and parameter counts.
+#[derive(Debug, Clone)]
+pub struct UNetAdapters {
+    pub names: Vec<String>,
+    pub frozen_params: usize,
+    pub trainable_params: usize,
 }
 
 /// One part of the estimate, MiB.
@@ -81,9 +90,10 @@ struct Walk {
 }
 
 fn params_of(build: impl FnOnce(&WeightSource) -> Result<()>) -> Result<usize> {
-    let ws = WeightSource::meta(candle_core::DType::F32);
-    build(&ws)?;
-    Ok(ws.records().iter().map(|r| r.shape.elem_count()).sum())
+    Ok(crate::pipeline::single_file::records_of(build)?
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<usize>())
+        .sum())
 }
 
 impl MemoryQuery {
@@ -120,6 +130,14 @@ impl MemoryQuery {
                 Some((s.trainable_params, t.hidden_size, t.num_hidden_layers))
             }
         };
+        // the UNet's structure only (no weights), to count adapters
+        let mut meta = UNet2DConditionModel::meta(&unet)?;
+        let summary = meta.inject_lora(&lora, &VarMap::new())?;
+        let adapters = UNetAdapters {
+            names: summary.layers.iter().map(|l| l.name.clone()).collect(),
+            frozen_params: summary.total_params - summary.trainable_params,
+            trainable_params: summary.trainable_params,
+        };
         let f = vae.map_or(8, |v| v.downsample_factor());
         Ok(Self {
             unet,
@@ -128,7 +146,7 @@ impl MemoryQuery {
             latent,
             batch,
             dtype_bytes,
-            lora,
+            adapters,
             gradient_checkpointing,
             attention_budget: if gpu {
                 crate::ops::ATTENTION_CHUNK_BYTES
@@ -140,16 +158,13 @@ impl MemoryQuery {
         })
     }
 
-    /// The estimate (builds the UNet's structure only to count adapters: no weights).
+    /// The estimate (arithmetic only).
     pub fn estimate(&self) -> Result<MemoryEstimate> {
-        let mut unet = UNet2DConditionModel::meta(&self.unet)?;
-        let summary = unet.inject_lora(&self.lora, &VarMap::new())?;
-        let adapted: Vec<String> = summary.layers.iter().map(|l| l.name.clone()).collect();
         let s = self.dtype_bytes as f64;
-        let w = self.walk(&adapted)?;
-        let unet_params = summary.total_params - summary.trainable_params;
+        let w = self.walk(&self.adapters.names)?;
+        let unet_params = self.adapters.frozen_params;
         let te = self.text_encoder.unwrap_or((0, 0, 0));
-        let trainable = summary.trainable_params + te.0;
+        let trainable = self.adapters.trainable_params + te.0;
         let weights = (unet_params + self.other_params) as f64 * s;
         // LoRA tensors, their gradients and AdamW's two moments, all f32
         let state = trainable as f64 * 16.0;
